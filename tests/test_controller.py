@@ -31,9 +31,11 @@ def test_controller_averages_shared_keys_drops_and_rejects(tmp_path):
         assert sites["good-3"]["dropped_keys"] == ["bias"]
         assert "NaN or Inf" in sites["nan"]["rejected"]
         assert "has shape (4, 2), expected (2, 4)" in sites["shape"]["rejected"]
-        assert sites["good-1"]["bytes_uploaded"] == 2 * 4 * 4
+        assert sites["good-1"]["bytes_uploaded"] == 2 * 4 * 4 + 4  # the float32 weight, and its one statistic
     assert set(history["personalized"]) == set(SITES)
     assert history["personalized"]["nan"]["site_seen"] == "nan"
+    # every site's statistics (sent with its update, rejected or not) reach every site with the next task
+    assert history["personalized"]["good-1"]["statistics_seen"] == "good-1:6,good-3:6,nan:3,shape:5"
 
     saved = torch.load(server / "app_server" / "FL_global_model.pt", weights_only=False)["model"]
     # (1 * 1 + 3 * 3) / (1 + 3): only the two valid updates, weighted by their sample counts
@@ -56,7 +58,7 @@ def test_controller_with_nothing_shared_only_paces_the_rounds(tmp_path):
     assert len(history["rounds"]) == 2
     for record in history["rounds"]:
         assert record["accepted"] == 0
-        assert record["sites"]["good-1"]["bytes_uploaded"] == 0
+        assert record["sites"]["good-1"]["bytes_uploaded"] == 4  # no parameter: only its one statistic
         assert record["sites"]["good-1"]["train_loss"] == pytest.approx(0.2)
         assert record["sites"]["good-3"]["dropped_keys"] == ["bias"]  # sent anyway: dropped, never stored
     assert set(history["personalized"]) == set(sites)

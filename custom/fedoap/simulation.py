@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from fedoap.fl.client import SITE_RESULTS_DIR
 from fedoap.fl.controller import HISTORY_FILE
 from fedoap.jsonio import write_json
 from fedoap.methods import get_method
+from fedoap.methods.centralized import POOLED_SITE
 from fedoap.report import plot_dice_per_round, plot_overlays, results_table
 
 __all__ = ["SimulationConfig", "SimulationError", "run_simulation", "unet_model_args", "DEFAULT_CLIENTS", "DEFAULT_UNSEEN"]
@@ -65,6 +66,7 @@ class SimulationConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int = 0  # torch threads per site; 0: the machine's cores shared among the sites
+    processes: int = 0  # simulator client processes (NVFlare's num_threads); 0: one per site
     synthetic_size: int = 128
     overwrite: bool = False
     he: bool = False
@@ -145,14 +147,29 @@ def _privacy_summary(cfg: SimulationConfig, history: dict[str, Any]) -> dict[str
     return summary
 
 
-def _read_site(ws: Path, site: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    folder = ws / site / SIM_JOB_ID / SITE_RESULTS_DIR
+def _read_site(ws: Path, site: str, pooled: bool = False) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    process = POOLED_SITE if pooled else site
+    folder = ws / process / SIM_JOB_ID / SITE_RESULTS_DIR
+    if pooled:
+        folder = folder / site
     path = folder / "personalized.json"
     if not path.is_file():
-        raise SimulationError(f"{path} was not written: site {site!r} failed; see {ws / site / 'log.txt'}")
+        raise SimulationError(f"{path} was not written: site {site!r} failed; see {ws / process / 'log.txt'}")
     with np.load(folder / "overlays.npz") as npz:
         overlays = {k: npz[k] for k in npz.files}
     return json.loads(path.read_text()), overlays
+
+
+def _unpool_history(history: dict[str, Any], sites: Sequence[str]) -> dict[str, Any]:
+    """The centralized reference's round history in the per-site form of every other method: the pooled model's
+    validation and test Dice on each site's splits (reported as ``val_dice/<site>``), no upload."""
+    history = copy.deepcopy(history)
+    for record in history["rounds"]:
+        pooled = record["sites"].get(POOLED_SITE, {})
+        record["sites"] = {site: {**{k: v for k, v in pooled.items() if "/" not in k},
+                                  "val_dice": pooled.get(f"val_dice/{site}"), "test_dice": pooled.get(f"test_dice/{site}"),
+                                  "bytes_uploaded": 0} for site in sites}
+    return history
 
 
 def run_simulation(cfg: SimulationConfig, verbose: bool = True) -> dict[str, Any]:
@@ -193,10 +210,13 @@ def run_simulation(cfg: SimulationConfig, verbose: bool = True) -> dict[str, Any
     say(f"[fedoap] {cfg.method}: {n_params:,} parameters, {n_shared:,} shared; {len(cfg.clients)} sites, "
         f"{cfg.rounds} rounds x {cfg.local_epochs} local epoch(s), then {cfg.finetune_epochs} fine-tuning epochs")
 
-    threads = cfg.threads or max(1, (os.cpu_count() or 1) // len(cfg.clients))
+    # the centralized reference runs as one simulated site that reads every site's data (see methods/centralized.py)
+    sim_sites = [POOLED_SITE] if method.pooled else list(cfg.clients)
+    pool = {"pool_sites": ",".join(cfg.clients)} if method.pooled else {}
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // min(len(sim_sites), cfg.processes or len(sim_sites)))
     recipe = FedOAPRecipe(
         name=f"{cfg.method}",
-        min_clients=len(cfg.clients),
+        min_clients=len(sim_sites),
         num_rounds=cfg.rounds,
         data_root=str(data_root),
         unseen_dir=str(unseen_dir) if unseen_dir else "",
@@ -205,14 +225,15 @@ def run_simulation(cfg: SimulationConfig, verbose: bool = True) -> dict[str, Any
         model_args=cfg.model_args(),
         train_config={"image_size": cfg.image_size, "batch_size": cfg.batch_size, "lr": cfg.lr,
                       "local_epochs": cfg.local_epochs, "finetune_epochs": cfg.finetune_epochs, "seed": cfg.seed,
-                      "device": cfg.device, "threads": threads},
+                      "device": cfg.device, "threads": threads, **pool},
         initial_ckpt=str(initial_ckpt),
         he=cfg.he,
         dp=cfg.dp,
         task_request_interval=0.2,  # one machine: no reason to idle 2 s between a site's tasks
     )
     workspace = out / "workspace"
-    env = SimEnv(clients=list(cfg.clients), num_clients=len(cfg.clients), num_threads=len(cfg.clients),
+    processes = min(cfg.processes, len(sim_sites)) if cfg.processes > 0 else len(sim_sites)
+    env = SimEnv(clients=sim_sites, num_clients=len(sim_sites), num_threads=processes,
                  workspace_root=str(workspace), log_config=str(_log_config(out / "log_config.json")))
     start = time.time()
     ws = workspace / recipe.name
@@ -229,10 +250,12 @@ def run_simulation(cfg: SimulationConfig, verbose: bool = True) -> dict[str, Any
     history = json.loads(history_path.read_text())
     if len(history["rounds"]) != cfg.rounds:
         raise SimulationError(f"the server finished {len(history['rounds'])} of {cfg.rounds} rounds; see {ws / 'server' / 'log.txt'}")
+    if method.pooled:  # one record per round for the pooled site: its scores on each site's splits
+        history = _unpool_history(history, cfg.clients)
 
     clients, unseen, overlays, bytes_per_round = {}, {}, {}, {}
     for site in cfg.clients:
-        detail, overlays[site] = _read_site(ws, site)
+        detail, overlays[site] = _read_site(ws, site, pooled=method.pooled)
         m = detail["metrics"]
         clients[site] = {"organ": m["organ"], "dice": m["test_dice"], "hd95": m["test_hd95"], "n_test": m["n_test"],
                          "n_test_empty": m["n_test_empty"], "best_finetune_epoch": m["best_finetune_epoch"],

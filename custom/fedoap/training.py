@@ -8,6 +8,7 @@ lives for the whole job when the client script runs in-process.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Iterator, Mapping, Optional
@@ -109,6 +110,7 @@ class LocalTrainer:
         self._train_images = torch.from_numpy(train.images)
         self._train_labels = torch.from_numpy(train.labels)
         self.generator = torch.Generator().manual_seed(config.seed)
+        method.begin_training(self.model, train)
         self.loss_fn = method.train_loss()
         self.optimizer = method.make_round_optimizer(self.model.parameters(), config.lr, config.weight_decay)
         self.dp: Optional[DPSGD] = None
@@ -158,11 +160,18 @@ class LocalTrainer:
         order = torch.randperm(n, generator=self.generator)
         return (order[start : start + b] for start in range(0, n, b))
 
+    @property
+    def steps_per_round(self) -> int:
+        """Optimizer steps of one federated round (expected number under DP-SGD's Poisson sampling)."""
+        return self.config.local_epochs * math.ceil(len(self.train_set) / self.config.batch_size)
+
     def _epoch(
-        self, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, federated: bool = False
+        self, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, federated: bool = False, first_step: int = 0
     ) -> tuple[float, int]:
-        """One pass over the training split. ``federated``: a pass of the federated rounds, where the method's
-        regularizer is added to every step's loss and its step scale (from the batch's labels) goes to the step."""
+        """One pass over the training split. ``federated``: a pass of the federated rounds, where the method computes
+        the step's loss (``step_loss``), its regularizer is added to it, its step scale (from the batch's labels)
+        goes to the step and ``begin_step`` is called before every step (``first_step``: the round's step index of
+        this epoch's first step); otherwise a pass of the fine-tuning, whose step loss is ``finetune_step_loss``."""
         self.model.train()
         regularize = federated and self.method.has_regularizer
         scale_steps = federated and self.method.has_step_scale
@@ -173,8 +182,13 @@ class LocalTrainer:
                 images, labels = random_flip(images, labels, self.generator)
             scale = self.method.batch_step_scale(labels) if scale_steps else None
             images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            if federated:
+                self.method.begin_step(self.model, first_step + steps, self.steps_per_round)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(self.model(images), labels)
+            if federated:
+                loss = self.method.step_loss(self.model, images, labels, loss_fn)
+            else:
+                loss = self.method.finetune_step_loss(self.model, images, labels, loss_fn)
             if regularize:
                 extra = self.method.regularizer(self.model)
                 if extra is not None:
@@ -195,9 +209,10 @@ class LocalTrainer:
         start = time.perf_counter()
         losses, steps = [], 0
         for _ in range(self.config.local_epochs):
-            loss, s = self._epoch(self.loss_fn, self.optimizer, federated=True)
+            loss, s = self._epoch(self.loss_fn, self.optimizer, federated=True, first_step=steps)
             losses.append(loss)
             steps += s
+        self.method.end_round(self.model)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start

@@ -4,7 +4,8 @@ good-*: sends the shared key 'weight' filled with its number, weighted by that n
 steps (NUM_STEPS_CURRENT_ROUND, FedNova's tau); 'good-3' also sends the non-shared key 'bias' (must be dropped). nan: sends NaN (must be rejected). shape: sends 'weight' transposed
 (rejected; the element count stays the same because NVFlare's client reshapes the next task to the shapes it sent).
 An empty task (server rule "none": nothing shared): every site sends metrics and no parameter, except 'good-3',
-which sends the key 'bias' (must be dropped).
+which sends the key 'bias' (must be dropped). Every site also sends "statistics" ({"site": [its name length]}) in the
+meta, and reports at personalization which sites' statistics the server forwarded with the task.
 """
 
 import numpy as np
@@ -18,12 +19,16 @@ site = flare.get_site_name()
 while flare.is_running():
     task = flare.receive()
     if flare.get_task_name() == "personalize":
-        flare.send(FLModel(params={}, metrics={"test_dice": 0.5, "test_hd95": 1.0, "site_seen": site}))
+        forwarded = (task.meta or {}).get("site_statistics", {})
+        flare.send(FLModel(params={}, metrics={"test_dice": 0.5, "test_hd95": 1.0, "site_seen": site,
+                                               "statistics_seen": ",".join(f"{k}:{v['n'][0]}"
+                                                                           for k, v in sorted(forwarded.items()))}))
         continue
     if not task.params:
         params = {"bias": torch.full((2,), 99.0)} if site == "good-3" else {}
         flare.send(FLModel(params=params, params_type=ParamsType.FULL, metrics={"train_loss": 0.2, "val_dice": 0.4},
-                           meta={"n_samples": 1, "NUM_STEPS_CURRENT_ROUND": 1}))
+                           meta={"n_samples": 1, "NUM_STEPS_CURRENT_ROUND": 1,
+                                 "site_statistics": {"n": [len(site)]}}))
         continue
     shape = np.asarray(task.params["weight"]).shape
     if site.startswith("good-"):
@@ -37,4 +42,5 @@ while flare.is_running():
     else:
         params, weight, steps = {"weight": torch.zeros(4, 2)}, 5, 1
     flare.send(FLModel(params=params, params_type=ParamsType.FULL, metrics={"train_loss": 0.1, "val_dice": 0.5},
-                       meta={"n_samples": weight, "NUM_STEPS_CURRENT_ROUND": steps}))
+                       meta={"n_samples": weight, "NUM_STEPS_CURRENT_ROUND": steps,
+                             "site_statistics": {"n": [len(site)]}}))

@@ -1,5 +1,6 @@
 """Server arithmetic for personalized FL over the shared parameters only: a weighted average (FedAvg), and FedNova's
-normalized average.
+normalized average; the registry of every rule (:data:`SERVER_RULES`; FedAWA's and FedLWS's aggregators live in
+``fedoap.fl.fedawa_aggregation`` and ``fedoap.fl.fedlws_aggregation``).
 
 Kept apart from the workflow (as NVFlare keeps ``WeightedAggregationHelper`` apart from ``FedAvg``) so that the rules
 are unit-tested without a running federation: keys outside the shared set are dropped and reported, and an update
@@ -9,11 +10,14 @@ step count) is rejected with a reason.
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+import importlib
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
-__all__ = ["UpdateRejected", "SharedParamsAggregator", "FedNovaAggregator", "payload_bytes"]
+__all__ = ["UpdateRejected", "SharedParamsAggregator", "FedNovaAggregator", "payload_bytes", "ServerRule",
+           "SERVER_RULES", "PLAINTEXT_RULES", "make_aggregator"]
 
 
 class UpdateRejected(ValueError):
@@ -52,8 +56,9 @@ class SharedParamsAggregator:
         self._total_weight = 0.0
         self.contributors: list[str] = []
 
-    def add(self, site: str, params: Mapping[str, object], weight: float) -> list[str]:
-        """Add one client's update. Returns the keys that were dropped because they are not shared.
+    def add(self, site: str, params: Mapping[str, object], weight: float, steps: Optional[float] = None) -> list[str]:
+        """Add one client's update (``steps``, the site's local step count, is not used by the weighted mean).
+        Returns the keys that were dropped because they are not shared.
 
         Raises:
             UpdateRejected: the update is left out of the average (the reason names the site and the key).
@@ -164,3 +169,60 @@ class FedNovaAggregator(SharedParamsAggregator):
         tau_eff = self._weighted_steps / self._total_weight
         return {k: (self._global[k] - tau_eff * v / self._total_weight).astype(np.float32)
                 for k, v in self._sums.items()}
+
+
+@dataclass(frozen=True)
+class ServerRule:
+    """How the server combines the shared parameters of one round.
+
+    Attributes:
+        aggregator: dotted path of the aggregator class, built once per round as ``cls(reference, **rule_args)``;
+            it offers ``add(site, params, weight, steps=None) -> dropped keys``, ``count`` and ``result()``.
+        reference: what the class gets as ``reference``: ``"initial"`` (the plaintext initialization: it only fixes
+            keys and shapes) or ``"broadcast"`` (the round's global shared parameters, which the rule computes with).
+        plaintext: the rule needs the global model in clear on the server, so it cannot run under HE.
+        stateful: the rule carries state from round to round (FedAWA's learned weight logits): its aggregator
+            offers ``state()``, and the next round's aggregator is built with ``state=`` the previous one's (None in
+            the first round).
+    """
+
+    aggregator: str
+    reference: str = "initial"
+    plaintext: bool = False
+    stateful: bool = False
+
+
+#: every server rule but ``"none"`` (a method that shares nothing: no aggregator at all)
+SERVER_RULES: dict[str, ServerRule] = {
+    "weighted_mean": ServerRule(f"{__name__}.SharedParamsAggregator"),
+    "fednova": ServerRule(f"{__name__}.FedNovaAggregator", reference="broadcast", plaintext=True),
+    "fedawa": ServerRule("fedoap.fl.fedawa_aggregation.FedAWAAggregator", reference="broadcast", plaintext=True,
+                         stateful=True),
+    "fedlws": ServerRule("fedoap.fl.fedlws_aggregation.FedLWSAggregator", reference="broadcast", plaintext=True),
+}
+#: rules that need the global model in clear on the server (refused under homomorphic encryption)
+PLAINTEXT_RULES = frozenset(name for name, rule in SERVER_RULES.items() if rule.plaintext)
+
+
+def make_aggregator(
+    rule: str,
+    broadcast: Mapping[str, Any],
+    initial: Mapping[str, Any],
+    rule_args: Optional[Mapping[str, Any]] = None,
+    previous: Any = None,
+) -> Any:
+    """The aggregator of one round under ``rule`` (a key of :data:`SERVER_RULES`); ``previous`` is the previous
+    round's aggregator (or None), whose ``state()`` a stateful rule carries on.
+
+    Raises:
+        ValueError: an unknown rule.
+    """
+    if rule not in SERVER_RULES:
+        raise ValueError(f"unknown server rule {rule!r}; choose one of {sorted(SERVER_RULES)} or 'none'")
+    spec = SERVER_RULES[rule]
+    module_name, _, class_name = spec.aggregator.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    kwargs = dict(rule_args or {})
+    if spec.stateful:
+        kwargs["state"] = previous.state() if previous is not None else None
+    return cls(broadcast if spec.reference == "broadcast" else initial, **kwargs)

@@ -14,10 +14,11 @@ its step count for a method that weighs by steps, FedGS), or else its sample cou
 
 Server rules (the method's ``server_rule``): ``"weighted_mean"`` as above; ``"fednova"``, FedNova's normalized
 averaging (Wang et al., NeurIPS 2020: ``x - tau_eff * sum_k p_k (x - x_k) / tau_k``, with ``tau_k`` the site's
-``NUM_STEPS_CURRENT_ROUND``; it needs the global model in clear, so not under HE); ``"none"`` for a method that shares
-nothing (local-only training): the rounds still pace the sites' training and collect their metrics, but the server
-broadcasts an empty parameter set, aggregates nothing and saves no checkpoint. The arithmetic of each rule lives in
-``fedoap.fl.aggregation``.
+``NUM_STEPS_CURRENT_ROUND``; it needs the global model in clear, so not under HE); ``"fedawa"`` (weights learned from
+the client vectors, carried from round to round) and ``"fedlws"`` (layer-wise shrinking of the mean), both in clear
+too; ``"none"`` for a method that shares nothing (local-only training): the rounds still pace the sites' training
+and collect their metrics, but the server broadcasts an empty parameter set, aggregates nothing and saves no
+checkpoint. The arithmetic of each rule lives in ``fedoap.fl.aggregation`` (and the modules its ``SERVER_RULES`` name).
 """
 
 from __future__ import annotations
@@ -26,17 +27,18 @@ import os
 import time
 
 import torch
-from typing import Any
+from typing import Any, Optional
 
 from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.model_controller import ModelController
 
-from fedoap.fl.aggregation import FedNovaAggregator, SharedParamsAggregator, UpdateRejected, payload_bytes
+from fedoap.fl.aggregation import PLAINTEXT_RULES, SERVER_RULES as AGGREGATION_RULES, UpdateRejected, make_aggregator
+from fedoap.fl.aggregation import payload_bytes
 from fedoap.jsonio import write_json
 
 __all__ = ["SharedParamsFedAvg", "HISTORY_FILE", "TRAIN_TASK", "PERSONALIZE_TASK", "SERVER_RULES", "NUM_SAMPLES_KEY",
-           "AGGREGATION_WEIGHT_KEY", "NUM_STEPS_KEY"]
+           "AGGREGATION_WEIGHT_KEY", "NUM_STEPS_KEY", "SITE_STATISTICS_KEY"]
 
 HISTORY_FILE = "fedoap_history.json"
 ENCRYPTED_CHECKPOINT = "FL_global_model_encrypted.pt"
@@ -48,11 +50,21 @@ NUM_SAMPLES_KEY = "n_samples"
 AGGREGATION_WEIGHT_KEY = "aggregation_weight"
 #: meta key (NVFlare's Client API) with the number of local steps of the round (FedNova's tau_k)
 NUM_STEPS_KEY = FLMetaKey.NUM_STEPS_CURRENT_ROUND
-#: server rules this controller implements: the weighted mean of the shared set, FedNova's normalized average of it,
-#: or nothing (nothing shared)
-SERVER_RULES = ("weighted_mean", "fednova", "none")
-#: server rules that need the global model in clear on the server (refused with HE)
-PLAINTEXT_RULES = ("fednova",)
+#: meta key with which a site reports the statistics its method shares (FedRDN), and with which the server forwards
+#: the latest statistics of every site with each task
+SITE_STATISTICS_KEY = "site_statistics"
+#: server rules this controller implements: those of ``fedoap.fl.aggregation.SERVER_RULES`` (weighted mean,
+#: FedNova, ...), or ``"none"`` (nothing shared)
+SERVER_RULES = (*AGGREGATION_RULES, "none")
+
+
+def _count_numbers(value: Any) -> int:
+    """How many numbers a (nested) JSON-like value holds."""
+    if isinstance(value, dict):
+        return sum(_count_numbers(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_count_numbers(v) for v in value)
+    return int(isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
 class SharedParamsFedAvg(ModelController):
@@ -75,6 +87,7 @@ class SharedParamsFedAvg(ModelController):
             for the shared part (``ENCRYPTED_CHECKPOINT``).
         task_timeout: seconds to wait for a round (0: no limit).
         persistor_id: id of the persistor component that holds the global checkpoint.
+        rule_args: constructor arguments of the server rule's aggregator (the method's ``server_rule_args``).
 
     Raises:
         ValueError: an unknown server rule, a shared set that does not fit the rule, HE with the rule ``"none"`` or
@@ -94,6 +107,7 @@ class SharedParamsFedAvg(ModelController):
         he: bool = False,
         task_timeout: int = 0,
         persistor_id: str = "persistor",
+        rule_args: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__(persistor_id=persistor_id)
         if num_rounds < 1:
@@ -122,7 +136,9 @@ class SharedParamsFedAvg(ModelController):
         self.he = he
         self.task_timeout = task_timeout
         self.persistor_id = persistor_id
+        self.rule_args = rule_args
         self._history: dict[str, Any] = {}
+        self._site_statistics: dict[str, Any] = {}
 
     # -- helpers -----------------------------------------------------------------------------------------------------
     def _write_history(self) -> None:
@@ -161,12 +177,15 @@ class SharedParamsFedAvg(ModelController):
         for rnd in range(self.num_rounds):
             clients = self.sample_clients(self.min_clients)
             round_start = time.time()
-            task = FLModel(params=broadcast, params_type=ParamsType.FULL, current_round=rnd, total_rounds=self.num_rounds)
+            task = FLModel(params=broadcast, params_type=ParamsType.FULL, current_round=rnd, total_rounds=self.num_rounds,
+                           meta=self._task_meta())
             results = self.send_model_and_wait(task_name=TRAIN_TASK, data=task, targets=clients, timeout=self.task_timeout)
             aggregator = new_aggregator(broadcast) if new_aggregator is not None else None
             record = self._aggregate_round(rnd, aggregator, results)
             if aggregator is not None and aggregator.count:
                 broadcast = aggregator.result()
+                if hasattr(aggregator, "summary"):  # what a learned rule decided (FedAWA's weights, FedLWS's gammas)
+                    record["aggregation"] = aggregator.summary()
                 self._save(model, broadcast, rnd)
             record["round_seconds"] = time.time() - round_start
             self._history["rounds"].append(record)
@@ -176,7 +195,7 @@ class SharedParamsFedAvg(ModelController):
         if self.personalize:
             self._progress(f"personalizing: local fine-tuning and evaluation on {len(clients)} site(s)")
             final = FLModel(params=broadcast, params_type=ParamsType.FULL, current_round=self.num_rounds,
-                            total_rounds=self.num_rounds)
+                            total_rounds=self.num_rounds, meta=self._task_meta())
             results = self.send_model_and_wait(
                 task_name=PERSONALIZE_TASK, data=final, targets=clients, timeout=self.task_timeout
             )
@@ -192,16 +211,28 @@ class SharedParamsFedAvg(ModelController):
         self._write_history()
         self._progress(f"done in {self._history['wall_time_s']:.0f} s")
 
+    def _task_meta(self) -> dict[str, Any]:
+        """What every task carries besides the parameters: the latest statistics of every site that shares some
+        (FedRDN), forwarded as the sites sent them."""
+        return {SITE_STATISTICS_KEY: dict(self._site_statistics)} if self._site_statistics else {}
+
     def _aggregator_factory(self, initial_shared: dict[str, Any]):
         """A function of the round's broadcast that returns the round's aggregator: plaintext weighted mean, FedNova
         (which needs the broadcast global model), or (HE) a ciphertext sum with the server context; None under the
         rule ``"none"`` (nothing to aggregate)."""
         if self.server_rule == "none":
             return None
-        if self.server_rule == "fednova":
-            return lambda broadcast: FedNovaAggregator(broadcast)
         if not self.he:
-            return lambda broadcast: SharedParamsAggregator(initial_shared)
+            rule, rule_args = self.server_rule, dict(self.rule_args or {})
+            last: list[Any] = []  # the previous round's aggregator: a stateful rule (FedAWA) carries its state on
+
+            def new_round(broadcast):
+                aggregator = make_aggregator(rule, broadcast, initial_shared, rule_args,
+                                             previous=last[0] if last else None)
+                last[:] = [aggregator]
+                return aggregator
+
+            return new_round
         from fedoap.fl.encrypted_aggregation import EncryptedSumAggregator
         from fedoap.privacy.contexts import find_context_file
         from fedoap.privacy.he import load_context
@@ -233,15 +264,20 @@ class SharedParamsFedAvg(ModelController):
             params = result.params or {}
             weight = meta.get(AGGREGATION_WEIGHT_KEY, meta.get(NUM_SAMPLES_KEY, 0))
             steps = meta.get(NUM_STEPS_KEY)
-            entry = {"bytes_uploaded": payload_bytes(params), NUM_SAMPLES_KEY: meta.get(NUM_SAMPLES_KEY, 0),
+            # what the site uploaded: its parameters, plus the statistics its method shares (as float32 values)
+            statistics_bytes = 4 * _count_numbers(meta.get(SITE_STATISTICS_KEY))
+            entry = {"bytes_uploaded": payload_bytes(params) + statistics_bytes, NUM_SAMPLES_KEY: meta.get(NUM_SAMPLES_KEY, 0),
                      "steps": steps, AGGREGATION_WEIGHT_KEY: weight, **(result.metrics or {})}
+            statistics = meta.get(SITE_STATISTICS_KEY)
+            if statistics is not None:
+                self._site_statistics[site] = statistics
             try:
                 if aggregator is None:
                     dropped = sorted(params)
-                elif self.server_rule == "fednova":
-                    dropped = aggregator.add(site, params, weight, steps=steps)
-                else:
+                elif self.he:
                     dropped = aggregator.add(site, params, weight)
+                else:
+                    dropped = aggregator.add(site, params, weight, steps=steps)
             except UpdateRejected as err:
                 self._warn(f"round {rnd + 1}: rejected update: {err}")
                 entry["rejected"] = str(err)

@@ -28,6 +28,9 @@ class FederatedMethod(ABC):
     #: how the server combines the shared parameters; the controller implements each rule it accepts
     #: (``"weighted_mean"``, or ``"none"`` for a method that shares nothing)
     server_rule: str = "weighted_mean"
+    #: True for the centralized reference only: one model trains on the union of every site's training split (the
+    #: simulation runs it as a single site that reads every site's data: a real federation forbids this)
+    pooled: bool = False
     #: the aggregation weight a site reports with its update (``LocalTrainer.train_round``'s
     #: ``stats["aggregation_weight"]``): its number of training samples (``"samples"``, FedAvg) or the number of
     #: optimizer steps of the round (``"steps"``)
@@ -55,6 +58,11 @@ class FederatedMethod(ABC):
     def finetune_loss(self) -> nn.Module:
         """Loss of the final local fine-tuning; by default the training loss."""
         return self.train_loss()
+
+    def begin_training(self, model: nn.Module, train: Any) -> None:
+        """Called once when the site's trainer is built (before the first round), with the site's training split; a
+        method whose model needs a property of the local data from the first step on sets it here (FedRDN: the
+        site's own intensity statistics, which normalize its inputs). By default nothing."""
 
     def begin_round(self, model: nn.Module, global_shared: Mapping[str, Tensor]) -> None:
         """Called by the trainer right after it loaded the server's shared parameters into ``model`` (at the start of
@@ -96,6 +104,56 @@ class FederatedMethod(ABC):
         """Whether :meth:`batch_step_scale` can return a factor; by default whether a subclass overrides it."""
         return type(self).batch_step_scale is not FederatedMethod.batch_step_scale
 
+    def step_loss(self, model: nn.Module, images: Tensor, labels: Tensor, loss_fn: nn.Module) -> Tensor:
+        """The loss of one step of the federated rounds (before the regularizer is added). By default
+        ``loss_fn(model(images), labels)``; a method whose local objective needs more than the model's output
+        overrides it (MOON: a contrastive term on features; Ditto: the global and the personal model's losses;
+        FedRoD: the generic and the personalized head's losses; FedRDN: images normalized with another site's
+        statistics). The final fine-tuning and the evaluation never call it: they use ``model(images)``."""
+        return loss_fn(model(images), labels)
+
+    @property
+    def has_step_loss(self) -> bool:
+        """Whether a subclass overrides :meth:`step_loss`."""
+        return type(self).step_loss is not FederatedMethod.step_loss
+
+    def finetune_step_loss(self, model: nn.Module, images: Tensor, labels: Tensor, loss_fn: nn.Module) -> Tensor:
+        """The loss of one step of the final local fine-tuning (``loss_fn`` is :meth:`finetune_loss`). By default
+        ``loss_fn(model(images), labels)``; a method whose fine-tuning objective needs more than the model's output
+        overrides it (FedDP: a BCE weighted by how much the sites' models disagree on the batch's images)."""
+        return loss_fn(model(images), labels)
+
+    def begin_step(self, model: nn.Module, step: int, steps_per_round: int) -> None:
+        """Called before every step of the federated rounds with the 0-based step index within the round and the
+        round's number of steps (``local_epochs * ceil(n_train / batch_size)``; under DP-SGD's Poisson sampling
+        the expected number). A method that trains different parts in different phases of a round (FedRep: head
+        first, then body) switches here. By default nothing."""
+
+    def end_round(self, model: nn.Module) -> None:
+        """Called after the local training of every round, before the site's payload is formed (MOON keeps the
+        round's local model as the next round's "previous" model). By default nothing."""
+
+    def site_statistics(self, train: Any) -> Optional[dict[str, list[float]]]:
+        """Summary statistics of the site's training split that the method shares, in clear, with every other site
+        through the server (FedRDN: the intensity mean and standard deviation), or None for none (the default).
+        Sent with every round's update (meta key ``site_statistics``); the server forwards the latest statistics of
+        every site with each task, and the site hands them to :meth:`receive_statistics`."""
+        return None
+
+    @property
+    def shares_statistics(self) -> bool:
+        """Whether :meth:`site_statistics` can return something; by default whether a subclass overrides it."""
+        return type(self).site_statistics is not FederatedMethod.site_statistics
+
+    def receive_statistics(self, model: nn.Module, statistics: Mapping[str, Mapping[str, list[float]]]) -> None:
+        """The statistics of every site that sent some (by site name, this site's included), called at the start of
+        every task once the server has some. By default nothing."""
+
+    def server_rule_args(self) -> dict[str, Any]:
+        """Constructor arguments of the server rule's aggregator (JSON values, stored in the job's server config);
+        by default none. FedAWA and FedLWS pass their server-side hyperparameters here."""
+        return {}
+
     def shared_payload(self, model: nn.Module, shared: dict[str, Tensor]) -> dict[str, Tensor]:
         """What the site sends for its shared keys after a round, given their current values (``shared``, detached
         CPU copies by key). By default the values themselves; FedGS sends ``x_global - accumulated update``. The
@@ -114,4 +172,9 @@ class FederatedMethod(ABC):
         if self.has_step_scale:
             return ("scales each step's share of the sent update by a factor computed from the batch's labels, "
                     "outside DP-SGD's clipping and noise (the update would not be covered by its accountant)")
+        if self.has_step_loss:
+            return ("computes its own step loss (more than one model output or term per batch), which DP-SGD's "
+                    "per-sample loss and clipping do not cover")
+        if self.shares_statistics:
+            return "sends statistics of its training data in clear, which no DP accountant covers"
         return None
