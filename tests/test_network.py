@@ -121,6 +121,8 @@ def test_constructor_args_stored_unchanged_and_recreatable():
         heads=2,
         partition="kv_only",
         dropout=0.1,
+        use_cross_attention=True,
+        use_adapter=True,
     )
     net = FedOAPNet(**kwargs)
     params = list(inspect.signature(FedOAPNet.__init__).parameters)[1:]
@@ -346,3 +348,19 @@ def test_opacus_validator_and_per_sample_gradients():
         ref = dict(reference.named_parameters())[name].grad
         assert p.grad_sample.shape == (3, *p.shape), name
         assert torch.allclose(p.grad_sample[1], ref, atol=1e-8, rtol=1e-6), name
+
+
+@pytest.mark.parametrize("cross_attention, adapter", [(False, True), (True, False), (False, False)])
+def test_ablation_switches_remove_the_module_and_keep_the_partition_rules(cross_attention, adapter):
+    full = FedOAPNet(channels=[4, 8, 8, 16], bottleneck_channels=16)
+    net = FedOAPNet(channels=[4, 8, 8, 16], bottleneck_channels=16, use_cross_attention=cross_attention,
+                    use_adapter=adapter)
+    keys = set(net.state_dict())
+    assert any(k.startswith(("dca.", "query_branch.")) for k in keys) == cross_attention
+    assert any(k.startswith("adapter.") for k in keys) == adapter
+    assert keys <= set(full.state_dict())  # an ablation only removes modules
+    assert set(net.shared_keys) == {k for k in full.shared_keys if k in keys}
+    assert "kv_branch.convs.conv_0.conv.weight" in net.shared_keys  # without DCA, the bottleneck is the shared kv branch
+    assert net(torch.randn(2, 1, 32, 32)).shape == (2, 1, 32, 32)
+    with pytest.raises(ValueError, match="use_adapter must be True or False"):
+        FedOAPNet(use_adapter=1)

@@ -5,21 +5,53 @@ from __future__ import annotations
 from typing import Any
 
 from fedoap.methods.base import FederatedMethod
+from fedoap.methods.centralized import Centralized
+from fedoap.methods.ditto import Ditto
 from fedoap.methods.fedavg import FedAvg
+from fedoap.methods.fedawa import FedAWA
 from fedoap.methods.fedbn import FedBN
+from fedoap.methods.feddp import FedDP
 from fedoap.methods.fedgs import FedGS
+from fedoap.methods.fedlws import FedLWS
 from fedoap.methods.fednova import FedNova
 from fedoap.methods.fedoap import FedOAP
 from fedoap.methods.fedper import FedPer
 from fedoap.methods.fedprox import FedProx
+from fedoap.methods.fedrdn import FedRDN
+from fedoap.methods.fedrep import FedRep
+from fedoap.methods.fedrod import FedRoD
 from fedoap.methods.local import LocalOnly
+from fedoap.methods.moon import MOON
+from fedoap.methods.pn import PN
+from fedoap.methods.siobn import SioBN
 
+#: every method by its command-line name, in the order the benchmark lists them (one line each)
 METHODS: dict[str, type[FederatedMethod]] = {
-    m.name: m for m in (FedOAP, FedAvg, FedProx, FedBN, FedPer, FedNova, FedGS, LocalOnly)
+    m.name: m
+    for m in (
+        FedOAP,
+        LocalOnly,
+        Centralized,
+        FedAvg,
+        FedProx,
+        MOON,
+        FedNova,
+        FedAWA,
+        FedLWS,
+        FedRDN,
+        PN,
+        Ditto,
+        FedBN,
+        SioBN,
+        FedPer,
+        FedRep,
+        FedRoD,
+        FedDP,
+        FedGS,
+    )
 }
 
-__all__ = ["METHODS", "FederatedMethod", "FedAvg", "FedBN", "FedGS", "FedNova", "FedOAP", "FedPer", "FedProx",
-           "LocalOnly", "get_method"]
+__all__ = ["METHODS", "FederatedMethod", "get_method", *(cls.__name__ for cls in METHODS.values())]
 
 
 def get_method(name: str, **kwargs: Any) -> FederatedMethod:

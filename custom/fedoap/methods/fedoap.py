@@ -30,6 +30,9 @@ class FedOAP(FederatedMethod):
         pbl_noise_std: standard deviation of the logit noise on the selected pixels.
         pbl_plain_weight: weight of the plain term.
         pbl_perturbed_weight: weight of the perturbed term.
+        cross_attention: the decoupled cross-attention bottleneck; False is the ablation "without DCA" (a plain
+            UNet bottleneck, shared).
+        adapter: the local spatial adapter; False is the ablation "without adapter".
     """
 
     name = "fedoap"
@@ -43,6 +46,8 @@ class FedOAP(FederatedMethod):
         pbl_noise_std: float = 0.1,
         pbl_plain_weight: float = 0.9,
         pbl_perturbed_weight: float = 0.1,
+        cross_attention: bool = True,
+        adapter: bool = True,
     ) -> None:
         self.partition = partition
         self.use_pbl = use_pbl
@@ -50,10 +55,13 @@ class FedOAP(FederatedMethod):
         self.pbl_noise_std = pbl_noise_std
         self.pbl_plain_weight = pbl_plain_weight
         self.pbl_perturbed_weight = pbl_perturbed_weight
+        self.cross_attention = cross_attention
+        self.adapter = adapter
 
     def model_spec(self, model_args: dict[str, Any]) -> dict[str, Any]:
         return {"class_path": f"{FedOAPNet.__module__}.{FedOAPNet.__name__}",
-                "args": {**model_args, "partition": self.partition}}
+                "args": {**model_args, "partition": self.partition, "use_cross_attention": self.cross_attention,
+                         "use_adapter": self.adapter}}
 
     def shared_keys(self, model: nn.Module) -> list[str]:
         if not isinstance(model, FedOAPNet):

@@ -250,6 +250,9 @@ class FedOAPNet(nn.Module):
 
     All convolution blocks use affine instance normalisation (no running statistics, hence no
     buffers in the state dict) and non-inplace ReLU, so that the model can be wrapped by Opacus.
+    The normalisation is the class attribute :attr:`norm_layer` (a MONAI factory spec), so that a
+    baseline that is defined by its normalisation layer uses a subclass that changes only that
+    (``fedoap.networks.norm_variants``: BatchNorm for SioBN, Population Normalization for PN).
     Convolutions keep a bias term, as in MONAI's ``BasicUNet``.
 
     Which parameters are averaged by the server is chosen by ``partition`` (see
@@ -271,6 +274,10 @@ class FedOAPNet(nn.Module):
         partition: name of the shared/local partition, a key of :data:`SHARED_PARTITIONS`.
             Defaults to ``"authors"``.
         dropout: dropout rate inside the UNet convolution blocks, in ``[0, 1)``. Defaults to 0.
+        use_cross_attention: the decoupled cross-attention bottleneck (True, the paper); False is the ablation
+            "without DCA": the key/value branch alone is a plain UNet bottleneck (no ``query_branch``, no ``dca``).
+        use_adapter: the local spatial adapter before the head (True, the paper); False (ablation) feeds the
+            decoder output to the head directly.
 
     Raises:
         ValueError: if ``channels`` is not a sequence of four integers ``>= 2``, if
@@ -289,6 +296,10 @@ class FedOAPNet(nn.Module):
         >>> net.load_shared_state_dict(global_part)  # receive the aggregate
     """
 
+    #: normalisation of every convolution block and of the adapter (MONAI ``Norm`` factory spec); the
+    #: attention block keeps its GroupNorm. Variants override it (``fedoap.networks.norm_variants``).
+    norm_layer: tuple = ("instance", {"affine": True})
+
     def __init__(
         self,
         in_channels: int = 1,
@@ -299,6 +310,8 @@ class FedOAPNet(nn.Module):
         heads: int = 1,
         partition: str = "authors",
         dropout: float = 0.0,
+        use_cross_attention: bool = True,
+        use_adapter: bool = True,
     ) -> None:
         super().__init__()
         if not _is_positive_int(in_channels):
@@ -320,6 +333,9 @@ class FedOAPNet(nn.Module):
             raise ValueError(f"heads ({heads}) must divide the attention width ({attn_width}).")
         if not isinstance(partition, str) or partition not in SHARED_PARTITIONS:
             raise ValueError(f"unknown partition {partition!r}; available: {sorted(SHARED_PARTITIONS)}.")
+        for flag, value in (("use_cross_attention", use_cross_attention), ("use_adapter", use_adapter)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} must be True or False, got {value!r}.")
         if (
             isinstance(dropout, bool)
             or not isinstance(dropout, numbers.Real)
@@ -336,9 +352,11 @@ class FedOAPNet(nn.Module):
         self.heads = heads
         self.partition = partition
         self.dropout = dropout
+        self.use_cross_attention = use_cross_attention
+        self.use_adapter = use_adapter
 
         act = ("relu", {"inplace": False})
-        norm = ("instance", {"affine": True})
+        norm = self.norm_layer
         bias = True
         drop = float(dropout)
         c0, c1, c2, c3 = (int(c) for c in channels)
@@ -352,9 +370,10 @@ class FedOAPNet(nn.Module):
                 "down_3": Down(2, c2, c3, act, norm, bias, drop),
             }
         )
-        self.query_branch = Down(2, c3, cb, act, norm, bias, drop)
         self.kv_branch = Down(2, c3, cb, act, norm, bias, drop)
-        self.dca = DecoupledCrossAttention(cb, attention_dim=attn_width, heads=int(heads))
+        if use_cross_attention:
+            self.query_branch = Down(2, c3, cb, act, norm, bias, drop)
+            self.dca = DecoupledCrossAttention(cb, attention_dim=attn_width, heads=int(heads))
         self.decoder = nn.ModuleDict(
             {
                 "upcat_4": UpCat(2, cb, c3, c3, act, norm, bias, drop),
@@ -363,7 +382,7 @@ class FedOAPNet(nn.Module):
                 "upcat_1": UpCat(2, c1, c0, c0, act, norm, bias, drop),
             }
         )
-        self.adapter = SpatialAdapter(c0, act=act, norm=norm, bias=bias)
+        self.adapter = SpatialAdapter(c0, act=act, norm=norm, bias=bias) if use_adapter else nn.Identity()
         self.head = nn.Conv2d(c0, int(out_channels), kernel_size=1)
 
     # ------------------------------------------------------------------ partition
@@ -446,7 +465,10 @@ class FedOAPNet(nn.Module):
         x1 = self.encoder["down_1"](x0)
         x2 = self.encoder["down_2"](x1)
         x3 = self.encoder["down_3"](x2)
-        fused = self.dca(self.query_branch(x3), self.kv_branch(x3))
+        if self.use_cross_attention:
+            fused = self.dca(self.query_branch(x3), self.kv_branch(x3))
+        else:  # ablation: a plain UNet bottleneck (the key/value branch alone)
+            fused = self.kv_branch(x3)
         u = self.decoder["upcat_4"](fused, x3)
         u = self.decoder["upcat_3"](u, x2)
         u = self.decoder["upcat_2"](u, x1)

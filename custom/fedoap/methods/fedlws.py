@@ -1,0 +1,58 @@
+"""FedLWS: FedAvg's sharing and local training, with the server shrinking the aggregate layer by layer.
+
+Implements Shi, Li, Zhao, Guo, Chang, "FedLWS: Federated Learning with Adaptive Layer-wise Weight Shrinking", ICLR
+2025 (arXiv 2503.15111), on the same backbone and sharing as FedAvg (FedOAPNet, every parameter shared). The sites
+train exactly as under FedAvg; the server (rule ``"fedlws"``, :class:`fedoap.fl.fedlws_aggregation.FedLWSAggregator`)
+multiplies each layer of the sample-weighted mean ``m`` by
+
+    gamma_l = ||x_l|| / (||x_l|| + tau_l ||m_l - x_l||),
+    tau_l   = clip(beta * mean_k ||u_k,l - mean_j u_j,l||, min_tau, max_tau),
+
+with ``x`` the round's global model and ``u_k = x_k - x`` site ``k``'s update: no proxy data, no extra
+communication.
+
+Choices the paper leaves open, fixed here (constructor arguments, passed to the server through
+:meth:`server_rule_args`; the defaults are the authors' code's): ``beta = 0.03``, ``min_tau = 0.01``,
+``max_tau = 0.2``; a "layer" is a module's keys (its weight and bias, the layers the authors' walk over the state
+dict forms; ``layers="key"``: every key), and a layer whose global norm is zero is not shrunk. See
+``fedoap.fl.fedlws_aggregation`` for the details.
+
+Privacy: the server needs every site's parameters and the global model in clear, so homomorphic encryption is refused
+(the rule is ``plaintext``). Client-level DP of the update and DP-SGD compose with it (the server only post-processes
+what the sites send).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedoap.fl.fedlws_aggregation import check_fedlws_args
+from fedoap.methods.fedavg import FedAvg
+
+__all__ = ["FedLWS"]
+
+
+class FedLWS(FedAvg):
+    """FedLWS as a method object: FedAvg's sharing, loss and local training; the server rule ``"fedlws"``.
+
+    Args:
+        beta: scale of the updates' spread in ``tau`` (authors: 0.03).
+        min_tau, max_tau: bounds of ``tau`` (authors: 0.01, 0.2).
+        layers: ``"module"`` (a module's keys form a layer) or ``"key"`` (each key is a layer).
+
+    Raises:
+        ValueError: an invalid argument (see :func:`fedoap.fl.fedlws_aggregation.check_fedlws_args`).
+    """
+
+    name = "fedlws"
+    server_rule = "fedlws"
+
+    def __init__(self, beta: float = 0.03, min_tau: float = 0.01, max_tau: float = 0.2, layers: str = "module") -> None:
+        check_fedlws_args(beta, min_tau, max_tau, layers)
+        self.beta = beta
+        self.min_tau = min_tau
+        self.max_tau = max_tau
+        self.layers = layers
+
+    def server_rule_args(self) -> dict[str, Any]:
+        return {"beta": self.beta, "min_tau": self.min_tau, "max_tau": self.max_tau, "layers": self.layers}
