@@ -10,12 +10,19 @@ state and data stay in memory across rounds. Tasks:
   (PBL for FedOAP), keep the best epoch on the validation split, evaluate on the test split and on the unseen organ,
   write the site's detailed results next to its workspace, and send back metrics only.
 
-The site's data folder is ``<data-root>/<site name>`` in the MSD layout.
+The site's data folder (MSD layout) is ``<data-root>/<site name>`` when the job passes ``--data-root`` (the
+simulator, where every site shares one file system); a deployed job passes no data path, and each site reads its own
+from its configuration, ``<site workspace>/local/fedoap_site.json`` (``fedoap.fl.site_config``).
+
+Client-level DP of the shared update is the stricter of the job's options and the site's mandatory policy, which the
+site's privacy filter (``fedoap.fl.site_policy``) announces in the meta of every task; it is fixed when the first task
+arrives (one accountant for the whole job), and every released update carries a stamp of what it went through.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -28,8 +35,10 @@ import torch
 
 from fedoap.data import SiteData, SliceSet, load_site, load_unseen
 from fedoap.eval.metrics import EMPTY_MASK_RULE, summarize
-from fedoap.fl.controller import AGGREGATION_WEIGHT_KEY, NUM_SAMPLES_KEY, PERSONALIZE_TASK
-from fedoap.fl.site_privacy import SitePrivacy
+from fedoap.fl.controller import AGGREGATION_WEIGHT_KEY, NUM_SAMPLES_KEY, PERSONALIZE_TASK, SITE_STATISTICS_KEY
+from fedoap.fl.site_config import find_site_config, load_site_config
+from fedoap.fl.site_policy import policy_from_meta
+from fedoap.fl.site_privacy import DP_STAMP_KEY, SitePrivacy, stricter
 from fedoap.jsonio import write_json
 from fedoap.methods import get_method
 from fedoap.privacy.dp import DPSGDConfig, UpdateDPConfig
@@ -44,8 +53,12 @@ N_OVERLAYS = 4
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-root", required=True, help="folder with one MSD-layout sub-folder per site")
-    p.add_argument("--unseen-dir", default="", help="MSD-layout folder of the unseen organ (optional)")
+    p.add_argument("--data-root", default="", help="folder with one MSD-layout sub-folder per site (simulation); "
+                   "without it the site reads its data folder from its configuration (local/fedoap_site.json)")
+    p.add_argument("--unseen-dir", default="", help="MSD-layout folder of the unseen organ (optional; a deployed "
+                   "site names it in its configuration)")
+    p.add_argument("--pool-sites", default="", help="centralized reference only: comma-separated sites whose training "
+                   "data this one process pools (their folders under --data-root)")
     p.add_argument("--method", default="fedoap")
     p.add_argument("--method-args", default="{}", help="JSON object of the method's constructor arguments")
     p.add_argument("--model-args", default="{}", help="JSON object of the network's constructor arguments")
@@ -114,6 +127,38 @@ def personalize(trainer: LocalTrainer, data: SiteData, unseen: Optional[SliceSet
     return metrics
 
 
+def _concat(name: str, parts: Sequence[tuple[str, SliceSet]]) -> SliceSet:
+    return SliceSet(images=np.concatenate([s.images for _, s in parts]),
+                    labels=np.concatenate([s.labels for _, s in parts]),
+                    case_ids=[f"{site}/{c}" for site, s in parts for c in s.case_ids])
+
+
+def pool_sites(sites: Sequence[SiteData]) -> SiteData:
+    """The centralized reference's data: every site's train, validation and test splits, each the union of the sites'
+    splits of the same name (the per-site splits are unchanged, so every method is tested on the same slices)."""
+    return SiteData(name="pooled", organ="+".join(d.organ for d in sites), modality="+".join(d.modality for d in sites),
+                    train=_concat("train", [(d.name, d.train) for d in sites]),
+                    val=_concat("val", [(d.name, d.val) for d in sites]),
+                    test=_concat("test", [(d.name, d.test) for d in sites]))
+
+
+def personalize_pooled(trainer: LocalTrainer, sites: Sequence[SiteData], unseen: Optional[SliceSet], out_dir: Path,
+                       config: TrainConfig) -> dict:
+    """Centralized reference: every site fine-tunes its own copy of the pooled model on its own splits (the same
+    fine-tuning budget as every method); results per site under ``out_dir/<site>``. Returns flat metrics
+    (``test_dice/<site>``, ..., and their means)."""
+    metrics: dict = {}
+    for data in sites:
+        site_trainer = LocalTrainer(copy.deepcopy(trainer.model), trainer.method, data.train, data.val, config)
+        folder = out_dir / data.name
+        folder.mkdir(parents=True, exist_ok=True)
+        site_metrics = personalize(site_trainer, data, unseen, folder)
+        metrics.update({f"{k}/{data.name}": v for k, v in site_metrics.items() if k != "organ"})
+    for key in ("test_dice", "test_hd95", "val_dice"):
+        metrics[key] = float(np.mean([metrics[f"{key}/{d.name}"] for d in sites]))
+    return metrics
+
+
 def _dp_sgd(args: argparse.Namespace) -> Optional[DPSGDConfig]:
     """Sample-level DP-SGD settings, or None when it is off."""
     if args.dp_sgd_noise <= 0 and args.dp_sgd_epsilon <= 0:
@@ -127,18 +172,45 @@ def _dp_sgd(args: argparse.Namespace) -> Optional[DPSGDConfig]:
     )
 
 
-def _site_privacy(args: argparse.Namespace, site: str) -> SitePrivacy:
-    """The site's HE context (from its own configuration) and client-level DP settings."""
+def site_data_dirs(args: argparse.Namespace, site: str, workspace_root: str) -> tuple[Path, Optional[Path]]:
+    """The site's data folder and the unseen organ's (or None): under ``--data-root`` when the job gives one
+    (simulation), else from the site's configuration file.
+
+    Raises:
+        fedoap.fl.site_config.SiteConfigError: no data root and no valid site configuration (names the file).
+    """
+    if args.data_root:
+        return Path(args.data_root) / site, (Path(args.unseen_dir) if args.unseen_dir else None)
+    config = load_site_config(find_site_config(workspace_root))
+    unseen = Path(args.unseen_dir) if args.unseen_dir else config.unseen_dir
+    return config.data_dir, unseen
+
+
+def _job_update_dp(args: argparse.Namespace) -> Optional[UpdateDPConfig]:
+    """The job's own client-level DP of the update, or None."""
+    if args.dp_update_clip <= 0:
+        return None
+    return UpdateDPConfig(clip_norm=args.dp_update_clip, noise_multiplier=args.dp_update_noise, delta=args.dp_delta)
+
+
+def _site_privacy(args: argparse.Namespace, site: str, site_policy: Optional[UpdateDPConfig] = None,
+                  shares_statistics: bool = False) -> SitePrivacy:
+    """The site's HE context (from its own configuration) and client-level DP settings: the stricter of the job's and
+    the site policy's.
+
+    Raises:
+        ValueError: the site imposes client-level DP on a method that shares statistics in clear (not covered).
+    """
+    if site_policy is not None and shares_statistics:
+        raise ValueError(f"site {site!r} imposes client-level DP on every job, but method {args.method!r} shares "
+                         "statistics of its training data in clear, which that DP would not cover")
     context = None
     if args.he:
         from fedoap.privacy.contexts import find_context_file
         from fedoap.privacy.he import load_context
 
         context = load_context(find_context_file("client", os.getcwd()))
-    update_dp = None
-    if args.dp_update_clip > 0:
-        update_dp = UpdateDPConfig(clip_norm=args.dp_update_clip, noise_multiplier=args.dp_update_noise,
-                                   delta=args.dp_delta)
+    update_dp = stricter(_job_update_dp(args), site_policy)
     return SitePrivacy(he_context=context, update_dp=update_dp, seed=args.seed * 7919 + zlib.crc32(site.encode()))
 
 
@@ -152,8 +224,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     flare.init()
     site = flare.get_site_name()
-    data = load_site(Path(args.data_root) / site, image_size=args.image_size, seed=args.seed, name=site)
-    unseen = load_unseen(args.unseen_dir, image_size=args.image_size) if args.unseen_dir else None
+    pooled = [s for s in args.pool_sites.split(",") if s]
+    if pooled:  # the centralized reference: this one process reads every site's data
+        if not args.data_root:
+            raise ValueError("--pool-sites (the centralized reference) needs --data-root with every site's folder")
+        sites = [load_site(Path(args.data_root) / s, image_size=args.image_size, seed=args.seed, name=s)
+                 for s in pooled]
+        data = pool_sites(sites)
+        unseen_dir = Path(args.unseen_dir) if args.unseen_dir else None
+    else:
+        sites = []
+        data_dir, unseen_dir = site_data_dirs(args, site, os.getcwd())
+        data = load_site(data_dir, image_size=args.image_size, seed=args.seed, name=site)
+    unseen = load_unseen(unseen_dir, image_size=args.image_size) if unseen_dir else None
 
     method = get_method(args.method, **json.loads(args.method_args))
     torch.manual_seed(args.seed)  # same seed as the server's initial checkpoint: local parts start identical
@@ -167,15 +250,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         device=args.device,
     )
     trainer = LocalTrainer(model, method, data.train, data.val, config, dp=_dp_sgd(args))
-    privacy = _site_privacy(args, site)
+    privacy: Optional[SitePrivacy] = None  # built with the first task, which carries the site's DP policy
     out_dir = _site_output_dir(flare.get_job_id())
 
     while flare.is_running():
         task = flare.receive()
+        if privacy is None:
+            privacy = _site_privacy(args, site, policy_from_meta(task.meta), method.shares_statistics)
         global_shared = privacy.incoming(task.params or {})
         trainer.load_shared(global_shared)
+        statistics = (task.meta or {}).get(SITE_STATISTICS_KEY)
+        if statistics:
+            method.receive_statistics(trainer.model, statistics)
         if flare.get_task_name() == PERSONALIZE_TASK:
-            metrics = personalize(trainer, data, unseen, out_dir)
+            if sites:
+                metrics = personalize_pooled(trainer, sites, unseen, out_dir, config)
+            else:
+                metrics = personalize(trainer, data, unseen, out_dir)
             flare.send(FLModel(params={}, metrics=metrics))
             continue
         stats = trainer.train_round()
@@ -183,8 +274,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         # the round's model on the test split too: FL-MedSegBench's protocol score is the test Dice at the best
         # validation round (aggregate numbers only, like val Dice)
         test = summarize(trainer.evaluate(data.test))
+        per_site = {}
+        for d in sites:  # centralized reference: the pooled model's scores on each site's splits
+            per_site.update({f"val_dice/{d.name}": summarize(trainer.evaluate(d.val))["dice"],
+                             f"test_dice/{d.name}": summarize(trainer.evaluate(d.test))["dice"]})
         weight = stats["aggregation_weight"]  # training samples; steps for a method that weights by steps (FedGS)
         payload, privacy_metrics = privacy.outgoing(trainer.shared_params(), global_shared, weight)
+        meta = {"NUM_STEPS_CURRENT_ROUND": stats["steps"], NUM_SAMPLES_KEY: stats["n_samples"],
+                AGGREGATION_WEIGHT_KEY: weight}
+        stamp = privacy.stamp()
+        if payload and stamp is not None:  # what the released update went through (checked by the site's policy)
+            meta[DP_STAMP_KEY] = stamp
+        site_statistics = method.site_statistics(data.train)
+        if site_statistics is not None:
+            meta[SITE_STATISTICS_KEY] = site_statistics
         flare.send(
             FLModel(
                 params=payload,
@@ -192,9 +295,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 metrics={"train_loss": stats["train_loss"], "val_dice": val["dice"],
                          "test_dice": test["dice"], "test_hd95": test["hd95"],
                          "images_per_s": stats["images_per_s"], "train_seconds": stats["train_seconds"],
-                         **stats.get("privacy", {}), **privacy_metrics},
-                meta={"NUM_STEPS_CURRENT_ROUND": stats["steps"], NUM_SAMPLES_KEY: stats["n_samples"],
-                      AGGREGATION_WEIGHT_KEY: weight},
+                         **per_site, **stats.get("privacy", {}), **privacy_metrics},
+                meta=meta,
             )
         )
 

@@ -19,17 +19,21 @@ from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 from nvflare.client.config import ExchangeFormat
 
 from fedoap.fl import client as client_script
+from fedoap.fl.aggregation import PLAINTEXT_RULES, SERVER_RULES
 from fedoap.fl.controller import SharedParamsFedAvg
+from fedoap.fl.executor import PackageScriptRunner
 from fedoap.methods import get_method
 
-__all__ = ["FedOAPRecipe", "client_args_string", "HE_RULES", "DP_OPTIONS"]
+__all__ = ["FedOAPRecipe", "client_args_string", "HE_RULES", "DP_OPTIONS", "INSTALLED_CLIENT_SCRIPT"]
 
 #: server rules that are sums of client contributions, so the server can compute them on ciphertexts (FedGS runs under
-#: "weighted_mean" with step-count weights; "fednova" needs the global model in clear and is not one of them)
-HE_RULES = frozenset({"weighted_mean"})
+#: "weighted_mean" with step-count weights; "fednova", "fedawa", "fedlws" need the global model in clear)
+HE_RULES = frozenset(SERVER_RULES) - PLAINTEXT_RULES
 #: privacy options passed to every site's client script
 DP_OPTIONS = frozenset({"dp_update_clip", "dp_update_noise", "dp_delta", "dp_sgd_noise", "dp_sgd_epsilon",
                         "dp_sgd_clip"})
+#: the client script as a job that relies on the installed package names it (resolved on each site)
+INSTALLED_CLIENT_SCRIPT = "fedoap/fl/client.py"
 
 
 def client_args_string(args: dict[str, Any]) -> str:
@@ -56,8 +60,10 @@ class FedOAPRecipe(FedAvgRecipe):
         name: job name.
         min_clients: sites per round (all of them: full participation).
         num_rounds: federated rounds T.
-        data_root: folder with one MSD-layout sub-folder per site name (as the site sees its file system).
-        unseen_dir: MSD-layout folder of the unseen organ, evaluated by every personalized model ("" for none).
+        data_root: folder with one MSD-layout sub-folder per site name (as the site sees its file system); "" (a
+            deployed job): each site reads its data folder from its own configuration (``fedoap.fl.site_config``).
+        unseen_dir: MSD-layout folder of the unseen organ, evaluated by every personalized model ("" for none, or
+            the site configuration's).
         method: federated method name; method_args: its constructor arguments.
         model_args: the backbone's constructor arguments (``FedOAPNet``).
         train_config: client training options (``image_size``, ``batch_size``, ``lr``, ``local_epochs``,
@@ -71,6 +77,10 @@ class FedOAPRecipe(FedAvgRecipe):
             DP-SGD), ``dp_delta``.
         task_request_interval: seconds a site waits before asking the server for its next task (NVFlare's default
             2 s; a simulation on one machine gains seconds per round with 0.2).
+        installed_code: the job carries no code: every site runs the fedoap package installed on it (the client
+            script is found through Python's import system, ``fedoap.fl.executor``), so the job is not
+            bring-your-own-code and the sites' class allow-lists must admit ``fedoap.``. False (the simulator):
+            NVFlare copies the modules the job's components come from into the job.
 
     Raises:
         ValueError: HE with a method whose server rule needs plaintext (``"fednova"``, or shares nothing: rule
@@ -86,7 +96,7 @@ class FedOAPRecipe(FedAvgRecipe):
         name: str = "fedoap",
         min_clients: int,
         num_rounds: int = 10,
-        data_root: str,
+        data_root: str = "",
         unseen_dir: str = "",
         method: str = "fedoap",
         method_args: Optional[dict[str, Any]] = None,
@@ -97,6 +107,7 @@ class FedOAPRecipe(FedAvgRecipe):
         he: bool = False,
         dp: Optional[dict[str, Any]] = None,
         task_request_interval: float = 2.0,
+        installed_code: bool = False,
     ) -> None:
         self.data_root = data_root
         self.unseen_dir = unseen_dir
@@ -108,6 +119,7 @@ class FedOAPRecipe(FedAvgRecipe):
         self.he = he
         self.dp = dp or {}
         self.task_request_interval = task_request_interval
+        self.installed_code = installed_code
 
         fl_method = get_method(method, **self.method_args)
         if he and fl_method.server_rule not in HE_RULES:
@@ -127,8 +139,17 @@ class FedOAPRecipe(FedAvgRecipe):
         self.server_rule = fl_method.server_rule
         if not self.shared_keys and self.dp.get("dp_update_clip", 0) > 0:
             raise ValueError(f"method {method!r} shares nothing: there is no update to clip and noise")
-        args = {"data_root": data_root, "method": method, "method_args": self.method_args,
+        if fl_method.shares_statistics and self.dp.get("dp_update_clip", 0) > 0:
+            raise ValueError(f"method {method!r} sends site statistics in clear next to its update (its "
+                             "site_statistics), which client-level DP of the update would not cover")
+        if fl_method.shares_statistics and he:
+            raise ValueError(f"method {method!r} sends site statistics in clear next to its update (its "
+                             "site_statistics), which homomorphic encryption of the update would not hide")
+        self.rule_args = fl_method.server_rule_args()
+        args = {"method": method, "method_args": self.method_args,
                 "model_args": self.model_args, "rounds": num_rounds, **self.train_config, **self.dp, "he": he}
+        if data_root:
+            args = {"data_root": data_root, **args}
         if unseen_dir:
             args["unseen_dir"] = unseen_dir
         super().__init__(
@@ -146,6 +167,16 @@ class FedOAPRecipe(FedAvgRecipe):
         )
         if task_request_interval != 2.0:  # NVFlare's default; how long a site waits before asking for its next task
             self.add_server_config({"server": {"task_request_interval": task_request_interval}})
+        if installed_code:  # the components' modules come from the sites' installed package, not from the job
+            self._job.set_app_packages(["fedoap"])
+
+    def _create_client_runner(self, site_config: dict):
+        if not self.installed_code:
+            return super()._create_client_runner(site_config)
+        return PackageScriptRunner(script=INSTALLED_CLIENT_SCRIPT, script_args=self.train_args,
+                                   framework=self._client_runner_framework,
+                                   server_expected_format=self.server_expected_format,
+                                   params_transfer_type=self.params_transfer_type)
 
     def _create_controller(self, persistor_id: str, model_params, model_aggregator) -> SharedParamsFedAvg:
         return SharedParamsFedAvg(
@@ -157,4 +188,5 @@ class FedOAPRecipe(FedAvgRecipe):
             personalize=self.personalize,
             he=self.he,
             persistor_id=persistor_id,
+            rule_args=self.rule_args or None,
         )

@@ -3,6 +3,12 @@ and add Gaussian noise) and then homomorphic encryption; on the way in, decrypti
 
 The order is fixed here, in one place: noise is always added to plaintext before encryption (never to ciphertext),
 and only the shared parameters the trainer hands over are ever encoded.
+
+A site may impose client-level DP on every job through its NVFlare privacy policy
+(``fedoap.fl.site_policy.SiteDPPolicy``): the policy arrives in the task's meta, :func:`stricter` combines it with the
+job's own setting (smaller clip norm, larger noise multiplier, smaller delta), and every released update carries a
+stamp (:data:`DP_STAMP_KEY`, :meth:`SitePrivacy.stamp`) with the clip norm and noise multiplier actually used, which the
+policy's result filter checks before anything leaves the site.
 """
 
 from __future__ import annotations
@@ -14,7 +20,23 @@ import torch
 
 from fedoap.privacy.dp import UpdateDPAccountant, UpdateDPConfig, clip_and_noise
 
-__all__ = ["SitePrivacy"]
+__all__ = ["SitePrivacy", "DP_STAMP_KEY", "stricter"]
+
+#: result meta key: the client-level DP actually applied to the released update ({"clip_norm", "noise_multiplier",
+#: "delta"}), checked by the site's privacy policy filter
+DP_STAMP_KEY = "fedoap_update_dp"
+
+
+def stricter(*configs: Optional[UpdateDPConfig]) -> Optional[UpdateDPConfig]:
+    """The strictest combination of client-level DP settings (None entries are ignored; None if all are None): the
+    smallest clip norm, the largest noise multiplier and the smallest delta, so the result is at least as private as
+    each of them."""
+    given = [c for c in configs if c is not None]
+    if not given:
+        return None
+    return UpdateDPConfig(clip_norm=min(c.clip_norm for c in given),
+                          noise_multiplier=max(c.noise_multiplier for c in given),
+                          delta=min(c.delta for c in given))
 
 
 def _as_tensor(value: Any) -> torch.Tensor:
@@ -37,6 +59,15 @@ class SitePrivacy:
         self.update_dp = update_dp
         self.generator = torch.Generator().manual_seed(seed)
         self.accountant = UpdateDPAccountant(update_dp.noise_multiplier) if update_dp else None
+
+    def stamp(self) -> Optional[dict[str, float]]:
+        """What a released update went through (None without client-level DP): put in the result's meta under
+        :data:`DP_STAMP_KEY`."""
+        if self.update_dp is None:
+            return None
+        dp = self.update_dp
+        return {"clip_norm": float(dp.clip_norm), "noise_multiplier": float(dp.noise_multiplier),
+                "delta": float(dp.delta)}
 
     def incoming(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """The global shared parameters in clear: decrypts the server's encrypted sum, passes plaintext through
@@ -62,9 +93,14 @@ class SitePrivacy:
             shared: the site's shared parameters after local training.
             global_shared: the global shared parameters this round started from (plaintext).
             weight: the site's aggregation weight (number of training samples).
+
+        A method that shares nothing (local-only training) releases nothing: the payload stays empty, no noise is
+        drawn and no privacy is spent.
         """
         payload = {k: _as_tensor(v) for k, v in shared.items()}
         metrics: dict[str, float] = {}
+        if not payload:
+            return payload, metrics
         if self.update_dp is not None:
             diff = {k: payload[k].double() - _as_tensor(global_shared[k]).double() for k in payload}
             noised, stats = clip_and_noise(diff, self.update_dp.clip_norm, self.update_dp.noise_multiplier,
@@ -72,7 +108,9 @@ class SitePrivacy:
             payload = {k: (_as_tensor(global_shared[k]).double() + noised[k].double()).float() for k in payload}
             self.accountant.step()
             metrics.update({"dp_update_norm": stats["norm"], "dp_update_scale": stats["scale"],
-                            "dp_update_epsilon": self.accountant.epsilon(self.update_dp.delta)})
+                            "dp_update_epsilon": self.accountant.epsilon(self.update_dp.delta),
+                            "dp_update_clip": float(self.update_dp.clip_norm),
+                            "dp_update_noise": float(self.update_dp.noise_multiplier)})
         if self.he_context is not None:
             from fedoap.privacy.he import encrypt_update, to_params
 

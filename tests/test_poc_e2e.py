@@ -1,0 +1,274 @@
+"""End-to-end deployment in NVFlare's POC mode, with real processes: prepare a 2-site POC from poc_workspace/ (mTLS
+certificates and HE contexts from HEBuilder), install the sites' privacy policies, allow-lists and data locations,
+start it, submit the committed jobs with NVFlare's own CLI, wait, download and check the results, and stop it, ending
+every process it started by PID.
+
+Everything lives in a temporary folder: the POC workspace, the synthetic data and NVFlare's CLI configuration (HOME
+points there, so ~/.nvflare is never touched); the server's ports are free ones, so a developer's POC is left alone.
+Select it with ``pytest -m poc``; it runs in the default ``pytest`` too (about 2 minutes on 2 cores).
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fedoap.cli import main as fedoap_main
+from fedoap.data import generate_federation
+from fedoap.fl.controller import ENCRYPTED_CHECKPOINT, HISTORY_FILE
+from fedoap.fl.jobs import JobSettings
+from fedoap.fl.site_policy import SiteDPPolicy
+from fedoap.privacy.dp import update_dp_epsilon
+from fedoap.networks import FedOAPNet
+from fedoap.privacy.he import HE_KEY_PREFIX
+from fedoap.simulation import unet_model_args
+
+pytestmark = [pytest.mark.poc, pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")]
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+NVFLARE = str(BIN / "nvflare")
+SITES = ("brain", "breast")
+DATA = {"brain": ("brain", 4), "breast": ("breast", 6), "lung": ("lung", 3)}  # tiny: a few slices per split
+JOB_TIMEOUT_S = 420
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct ports that are free now (all bound at once, so the system hands out different ones)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("localhost", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _session_of(pid: int):
+    """Session id of a live process (None if it is gone); /proc/<pid>/stat is "pid (comm) state ppid pgrp sid ..."."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return None if fields[0] == "Z" else int(fields[3])
+
+
+def _session_pids(sid: int) -> set[int]:
+    return {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _session_of(int(p.name)) == sid}
+
+
+class Poc:
+    """A POC started by this test: every process it runs is in one session, whose PIDs are recorded as they come."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.workspace = root / "ws"
+        self.env = {k: v for k, v in os.environ.items()
+                    if k not in ("FEDOAP_SITE_CONFIG", "FEDOAP_HE_CONTEXT_DIR", "NVFLARE_HOME")}
+        self.env.update(HOME=str(root / "home"), NVFLARE_POC_WORKSPACE=str(self.workspace),
+                        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")  # start.sh runs `python3`
+        (root / "home").mkdir()
+        self.sid = None
+        self.pids: set[int] = set()
+        self.prod = None
+        self.stop_info = None
+
+    def nvflare(self, *args, timeout: float = 180) -> subprocess.CompletedProcess:
+        result = subprocess.run([NVFLARE, *args], env=self.env, capture_output=True, text=True, timeout=timeout,
+                                cwd=self.root)
+        self.record()
+        return result
+
+    def record(self) -> None:
+        if self.sid is not None:
+            self.pids |= _session_pids(self.sid)
+
+    def start(self) -> None:
+        with open(self.root / "poc_start.log", "w") as log:
+            starter = subprocess.Popen([NVFLARE, "poc", "start"], env=self.env, cwd=self.root, stdout=log,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+        self.sid = starter.pid  # its session holds the server, the clients and every job process they spawn
+        self.pids.add(starter.pid)
+        try:
+            rc = starter.wait(timeout=240)
+        finally:
+            self.record()
+        assert rc == 0, (self.root / "poc_start.log").read_text()[-3000:]
+
+    def submit(self, job: Path) -> str:
+        result = self.nvflare("job", "submit", "-j", str(job))
+        match = re.search(r"job_id:\s*(\S+)", result.stdout)
+        assert result.returncode == 0 and match, result.stdout + result.stderr
+        return match.group(1)
+
+    def meta(self, job_id: str) -> dict:
+        result = self.nvflare("--format", "json", "job", "meta", job_id, timeout=60)
+        return json.loads(result.stdout)["data"]
+
+    def wait(self, job_id: str) -> dict:
+        deadline = time.time() + JOB_TIMEOUT_S
+        while time.time() < deadline:
+            meta = self.meta(job_id)
+            if str(meta.get("status", "")).startswith("FINISHED"):
+                return meta
+            time.sleep(3)
+        raise AssertionError(f"job {job_id} did not finish in {JOB_TIMEOUT_S} s: {self.meta(job_id)}")
+
+    def download(self, job_id: str) -> Path:
+        """The server's workspace of a finished job (downloaded once)."""
+        folder = self.root / "download" / job_id
+        if not folder.exists():
+            result = self.nvflare("job", "download", job_id, "-o", str(self.root / "download"))
+            assert result.returncode == 0, result.stdout + result.stderr
+        return folder / "workspace"
+
+    def alive(self) -> set[int]:
+        self.record()
+        return {pid for pid in self.pids if _session_of(pid) == self.sid}
+
+    def stop(self) -> dict:
+        """`nvflare poc stop`, then end by PID whatever of the recorded processes is still there (once)."""
+        if self.sid is None or self.stop_info is not None:
+            return self.stop_info or {"after_poc_stop": set(), "seconds": 0.0}
+        tick = time.time()
+        try:
+            self.nvflare("poc", "stop", timeout=180)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.time() + 60
+        while self.alive() and time.time() < deadline:
+            time.sleep(1)
+        left = self.alive()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            targets = self.alive()
+            for pid in targets:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            if targets:
+                time.sleep(5)
+        self.stop_info = {"after_poc_stop": left, "seconds": time.time() - tick}
+        return self.stop_info
+
+
+@pytest.fixture(scope="module")
+def poc(tmp_path_factory):
+    started = time.time()
+    root = tmp_path_factory.mktemp("poc_e2e")
+    generate_federation(root / "data", sites=DATA, size=32)
+    project = yaml.safe_load((ROOT / "poc_workspace" / "poc_project.yml").read_text())
+    (server,) = [p for p in project["participants"] if p["type"] == "server"]
+    server["fed_learn_port"], server["admin_port"] = _free_ports(2)
+    assert [p["name"] for p in project["participants"] if p["type"] == "client"] == list(SITES)
+    (root / "project.yml").write_text(yaml.safe_dump(project, sort_keys=False))
+
+    poc = Poc(root)
+    timings = {}
+    tick = time.time()
+    prepared = poc.nvflare("poc", "prepare", "-i", str(root / "project.yml"), "--force")
+    assert prepared.returncode == 0, prepared.stdout + prepared.stderr
+    assert fedoap_main(["poc-configure", str(poc.workspace), "--data", str(root / "data"), "--unseen", "lung"]) == 0
+    (poc.prod,) = sorted((poc.workspace / project["name"]).glob("prod_*"))
+    timings["prepare+configure"], tick = time.time() - tick, time.time()
+    try:
+        poc.start()
+        timings["start"], tick = time.time() - tick, time.time()
+        nosuch = root / "jobs" / "nosuch_scope"
+        shutil.copytree(ROOT / "jobs" / "fedoap", nosuch)
+        meta = json.loads((nosuch / "meta.json").read_text())
+        (nosuch / "meta.json").write_text(json.dumps({**meta, "name": "nosuch_scope", "scope": "nosuch"}, indent=2))
+        # all at once (the server runs up to 4 jobs): the HE job, the plain one (asks for no DP, no scope), the bad one
+        ids = {name: poc.submit(job) for name, job in
+               (("fedoap_he", ROOT / "jobs" / "fedoap_he"), ("fedoap", ROOT / "jobs" / "fedoap"), ("nosuch", nosuch))}
+        poc.results = {name: poc.wait(job_id) for name, job_id in ids.items()}
+        poc.ids = ids
+        timings["3 jobs"], tick = time.time() - tick, time.time()
+        yield poc
+    finally:
+        stopped = poc.stop()
+        timings["stop"] = stopped["seconds"]
+        print(f"\n[poc e2e] {time.time() - started:.0f} s from data to stopped POC ("
+              + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f"); {len(poc.pids)} processes recorded"
+              + (f"; ended by PID after `nvflare poc stop`: {sorted(stopped['after_poc_stop'])}"
+                 if stopped["after_poc_stop"] else ""))
+
+
+def _site_results(poc, job: str) -> dict:
+    return {site: json.loads((poc.prod / site / poc.ids[job] / "fedoap" / "personalized.json").read_text())
+            for site in SITES}
+
+
+def test_he_job_personalizes_every_site(poc):
+    assert poc.results["fedoap_he"]["status"] == "FINISHED:COMPLETED", poc.results["fedoap_he"]
+    history = json.loads((poc.download(poc.ids["fedoap_he"]) / HISTORY_FILE).read_text())
+    assert history["he"] is True and sorted(history["personalized"]) == list(SITES)
+    for site, detail in _site_results(poc, "fedoap_he").items():  # written on the site, never sent
+        dice = detail["metrics"]["test_dice"]
+        assert isinstance(dice, float) and 0.0 <= dice <= 1.0
+        assert history["personalized"][site]["test_dice"] == pytest.approx(dice)
+        assert 0.0 <= detail["metrics"]["unseen_dice"] <= 1.0  # the unseen organ from the site's configuration
+
+
+def test_server_holds_only_ciphertext_of_the_shared_part(poc):
+    server = poc.download(poc.ids["fedoap_he"])
+    saved = torch.load(server / "app_server" / ENCRYPTED_CHECKPOINT, weights_only=False)
+    assert saved["encrypted_shared"] and all(k.startswith(HE_KEY_PREFIX) for k in saved["encrypted_shared"])
+    assert not list(server.rglob("FL_global_model.pt")) and not list(server.rglob("*best*.pt"))
+    net = FedOAPNet(**unet_model_args(JobSettings().width))
+    plaintext = sum(net.state_dict()[k].numel() * 4 for k in net.shared_keys)
+    history = json.loads((server / HISTORY_FILE).read_text())
+    for record in history["rounds"]:
+        assert record["accepted"] == len(SITES)
+        for site in SITES:  # what arrived was ciphertext: larger than the float32 shared parameters
+            assert plaintext < record["sites"][site]["bytes_uploaded"] <= 8 * plaintext
+
+
+def test_site_policy_applies_dp_to_jobs_that_ask_for_none(poc):
+    policy = json.loads((ROOT / "poc_workspace" / "local" / "privacy.json").read_text())
+    default = next(s for s in policy["scopes"] if s["name"] == policy["default_scope"])
+    (entry,) = default["task_result_filters"]
+    site = SiteDPPolicy(**entry["args"])
+    for job in ("fedoap", "fedoap_he"):
+        assert poc.results[job]["status"] == "FINISHED:COMPLETED", poc.results[job]
+        args = json.loads((ROOT / "jobs" / job / "app" / "config" / "config_fed_client.json").read_text())
+        assert "--dp-update-clip" not in args["executors"][0]["executor"]["args"]["task_script_args"]
+        history = json.loads((poc.download(poc.ids[job]) / HISTORY_FILE).read_text())
+        for rnd, record in enumerate(history["rounds"], start=1):
+            for name in SITES:
+                m = record["sites"][name]
+                assert m["dp_update_clip"] == site.clip_norm and m["dp_update_noise"] == site.noise_multiplier
+                assert m["dp_update_epsilon"] == pytest.approx(
+                    update_dp_epsilon(site.noise_multiplier, rounds=rnd, delta=site.delta), rel=1e-9)
+        for name in SITES:  # the site's result filter checked every released update
+            log = (poc.prod / name / poc.ids[job] / "log.txt").read_text()
+            assert log.count("site DP policy satisfied") == len(history["rounds"])
+
+
+def test_job_asking_for_an_unknown_scope_is_rejected(poc):
+    meta = poc.results["nosuch"]
+    assert meta["status"] == "FINISHED:FAILED_TO_RUN", meta
+    details = " ".join(meta.get("job_deploy_detail", []))
+    for site in SITES:
+        assert f"{site}: NVFLARE_ERROR: privacy scope 'nosuch' is not allowed" in details
+    assert not (poc.prod / SITES[0] / poc.ids["nosuch"] / "fedoap").exists()  # it never ran
+
+
+def test_stopping_ends_every_process_it_started(poc):
+    stopped = poc.stop()  # `nvflare poc stop`, then SIGTERM/SIGKILL by PID for whatever of the recorded is left
+    assert len(poc.pids) >= 6  # 3 sub_start loops, server, 2 clients (and the job processes seen while running)
+    assert not poc.alive(), f"still running after stop: {sorted(poc.alive())}"
+    if stopped["after_poc_stop"]:
+        print(f"`nvflare poc stop` left {sorted(stopped['after_poc_stop'])}; ended by PID")

@@ -1,0 +1,151 @@
+"""A site's mandatory client-level DP (its privacy policy): the filter announces the policy in every task, the client
+script applies the stricter of the job's and the site's settings, and nothing leaves the site without a stamp at least
+as strict as the policy. Real NVFlare Shareables, DXOs, FLModel conversions and NVFlare's own privacy.json parser."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from nvflare.apis.dxo import DataKind, from_shareable
+from nvflare.apis.filter import FilterChainType, FilterContextKey
+from nvflare.apis.fl_constant import FilterKey, FLContextKey, ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.fl_exception import UnsafeJobError
+from nvflare.apis.shareable import make_reply
+from nvflare.apis.workspace import Workspace
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+from nvflare.private.fed.app.fl_conf import create_privacy_manager
+
+from fedoap.fl.controller import SITE_STATISTICS_KEY
+from fedoap.fl.site_policy import SITE_DP_POLICY_KEY, SiteDPPolicy, check_stamp, policy_from_meta
+from fedoap.fl.site_privacy import DP_STAMP_KEY, SitePrivacy, stricter
+from fedoap.privacy.dp import UpdateDPConfig
+
+PRIVACY_JSON = Path(__file__).resolve().parents[1] / "poc_workspace" / "local" / "privacy.json"
+POLICY = dict(clip_norm=1.0, noise_multiplier=1.0, delta=1e-5)
+
+
+def _filter(chain: str, **kwargs) -> SiteDPPolicy:
+    f = SiteDPPolicy(**{**POLICY, **kwargs})
+    f.set_prop(FilterContextKey.CHAIN_TYPE, chain)
+    return f
+
+
+def _ctx(scope: str = "strict") -> FLContext:
+    ctx = FLContext()
+    ctx.set_prop(FLContextKey.EFFECTIVE_JOB_SCOPE_NAME, scope, private=True, sticky=False)
+    return ctx
+
+
+def _result(params, meta=None, metrics=None):
+    """A client's result as the Client API turns it into a Shareable."""
+    return FLModelUtils.to_shareable(FLModel(params=params, params_type=ParamsType.FULL, metrics=metrics,
+                                             meta=dict(meta or {})))
+
+
+def _update(shift: float = 0.05) -> tuple[dict, dict]:
+    torch.manual_seed(0)
+    glob = {"enc.w": torch.randn(16, 8), "enc.b": torch.randn(8)}
+    return {k: v + shift for k, v in glob.items()}, glob
+
+
+def test_task_data_filter_announces_the_policy_to_the_client_script():
+    task = FLModelUtils.to_shareable(FLModel(params={"enc.w": torch.zeros(2)}, params_type=ParamsType.FULL,
+                                             current_round=0, total_rounds=2))
+    out = _filter(FilterChainType.TASK_DATA_CHAIN).process(task, _ctx("research"))
+    received = FLModelUtils.from_shareable(out)  # what flare.receive() hands the script
+    assert received.meta[SITE_DP_POLICY_KEY]["scope"] == "research"
+    assert policy_from_meta(received.meta) == UpdateDPConfig(**POLICY)
+    assert received.current_round == 0 and torch.equal(received.params["enc.w"], torch.zeros(2))
+    assert policy_from_meta({}) is None
+
+
+def test_the_client_applies_the_stricter_setting_and_its_stamp_passes_the_result_filter():
+    local, glob = _update()
+    job = UpdateDPConfig(clip_norm=2.0, noise_multiplier=0.5, delta=1e-4)  # weaker than the site on every count
+    site = UpdateDPConfig(**POLICY)
+    applied = stricter(job, site)
+    assert applied == UpdateDPConfig(clip_norm=1.0, noise_multiplier=1.0, delta=1e-5)
+    assert stricter(None, site) == site and stricter(None, None) is None
+    assert stricter(UpdateDPConfig(0.5, 3.0, 1e-6), site) == UpdateDPConfig(0.5, 3.0, 1e-6)  # a stricter job wins
+
+    gate = _filter(FilterChainType.TASK_RESULT_CHAIN)
+    privacy = SitePrivacy(update_dp=applied, seed=3)
+    payload, metrics = privacy.outgoing(local, glob, weight=10)
+    assert metrics["dp_update_clip"] == 1.0 and metrics["dp_update_noise"] == 1.0
+    passed = gate.process(_result(payload, {DP_STAMP_KEY: privacy.stamp()}), _ctx())
+    assert set(from_shareable(passed).data) == set(local)
+
+    weak = SitePrivacy(update_dp=job, seed=3)  # the job's own setting only: refused, nothing is released
+    payload, _ = weak.outgoing(local, glob, weight=10)
+    with pytest.raises(UnsafeJobError, match="clip norm 2.0 is larger"):
+        gate.process(_result(payload, {DP_STAMP_KEY: weak.stamp()}), _ctx())
+
+
+@pytest.mark.parametrize("stamp, reason", [
+    (None, "no client-level DP stamp"),
+    ({"clip_norm": 1.0, "noise_multiplier": 0.99, "delta": 1e-5}, "noise multiplier 0.99 is smaller"),
+    ({"clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 1e-3}, "delta 0.001 is larger"),
+    ({"clip_norm": 1.0}, "malformed"),
+    ({"clip_norm": float("nan"), "noise_multiplier": 1.0, "delta": 1e-5}, "non-finite"),
+])
+def test_result_filter_fails_closed_on_parameters_without_a_strict_enough_stamp(stamp, reason):
+    local, _ = _update()
+    meta = {} if stamp is None else {DP_STAMP_KEY: stamp}
+    with pytest.raises(UnsafeJobError, match=reason):
+        _filter(FilterChainType.TASK_RESULT_CHAIN).process(_result(local, meta), _ctx())
+    assert check_stamp({"clip_norm": 0.5, "noise_multiplier": 2.0, "delta": 1e-6}, UpdateDPConfig(**POLICY)) is None
+
+
+def test_results_that_share_nothing_pass_and_statistics_in_clear_do_not():
+    gate = _filter(FilterChainType.TASK_RESULT_CHAIN)
+    metrics_only = FLModelUtils.to_shareable(FLModel(metrics={"val_dice": 0.5}))
+    assert from_shareable(gate.process(metrics_only, _ctx())).data_kind == DataKind.METRICS
+    personalize = _result({}, metrics={"test_dice": 0.7})  # the final report: metrics, no parameters
+    assert from_shareable(gate.process(personalize, _ctx())).data == {}
+    error = make_reply(ReturnCode.EXECUTION_EXCEPTION)
+    assert gate.process(error, _ctx()).get_return_code() == ReturnCode.EXECUTION_EXCEPTION
+
+    statistics = {SITE_STATISTICS_KEY: {"mean": [0.1]}}
+    with pytest.raises(UnsafeJobError, match="statistics in clear"):
+        gate.process(_result({}, statistics), _ctx())
+    lenient = _filter(FilterChainType.TASK_RESULT_CHAIN, allow_statistics=True)
+    assert lenient.process(_result({}, statistics), _ctx()) is not None
+
+
+def test_filter_works_from_the_direction_when_no_chain_is_set_and_validates_its_arguments():
+    f = SiteDPPolicy(**POLICY)
+    ctx = _ctx()
+    ctx.set_prop(FLContextKey.FILTER_DIRECTION, FilterKey.OUT, private=True, sticky=False)
+    local, _ = _update()
+    with pytest.raises(UnsafeJobError):
+        f.process(_result(local), ctx)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        SiteDPPolicy(clip_norm=1.0, noise_multiplier=-1.0)
+    with pytest.raises(ValueError, match="clip_norm"):
+        SiteDPPolicy(clip_norm=0.0, noise_multiplier=1.0)
+
+
+def test_shipped_privacy_policy_holds_the_filter_in_both_chains_of_every_scope(tmp_path):
+    """Parsed by NVFlare itself, as a client site does at start-up."""
+    (tmp_path / "local").mkdir()
+    (tmp_path / "startup").mkdir()
+    shutil.copyfile(PRIVACY_JSON, tmp_path / "local" / "privacy.json")
+    manager = create_privacy_manager(Workspace(str(tmp_path), "brain"), names_only=False)
+    raw = json.loads(PRIVACY_JSON.read_text())
+    assert manager.default_scope is not None and manager.default_scope.name == raw["default_scope"]
+    assert len(manager.name_to_scopes) == len(raw["scopes"]) >= 2
+    sigmas = set()
+    for name, scope in manager.name_to_scopes.items():
+        (data_filter,) = scope.task_data_filters[FilterKey.IN]
+        (result_filter,) = scope.task_result_filters[FilterKey.OUT]
+        assert isinstance(data_filter, SiteDPPolicy) and isinstance(result_filter, SiteDPPolicy), name
+        assert data_filter.get_prop(FilterContextKey.CHAIN_TYPE) == FilterChainType.TASK_DATA_CHAIN
+        assert result_filter.get_prop(FilterContextKey.CHAIN_TYPE) == FilterChainType.TASK_RESULT_CHAIN
+        assert data_filter.policy == result_filter.policy  # announced == enforced
+        sigmas.add(result_filter.noise_multiplier)
+    assert len(sigmas) == len(raw["scopes"])  # the scopes differ in their noise
