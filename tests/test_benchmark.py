@@ -15,8 +15,8 @@ from fedoap.methods import METHODS, FedAvg
 
 METHODS_OK = ("fedoap", "local")
 SEEDS = (0, 1)
-OVERRIDES = {"rounds": 2, "image_size": 32, "width": 4, "finetune_epochs": 1}
-CLI_OVERRIDES = ["--rounds", "2", "--image-size", "32", "--width", "4", "--finetune-epochs", "1"]
+OVERRIDES = {"rounds": 2, "local_epochs": 1, "image_size": 32, "width": 4, "finetune_epochs": 1}
+CLI_OVERRIDES = ["--rounds", "2", "--local-epochs", "1", "--image-size", "32", "--width", "4", "--finetune-epochs", "1"]
 
 
 class Broken(FedAvg):
@@ -34,7 +34,8 @@ def bench(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(METHODS, "broken", Broken)
         assert main(["benchmark", "--methods", ",".join(METHODS_OK + ("broken",)), "--seeds", "0,1",
-                     "--preset", "fast", "--out", str(out), *CLI_OVERRIDES]) == 0
+                     "--preset", "fast", "--out", str(out), "--workers", "1", *CLI_OVERRIDES]) == 0  # sequential:
+        # the monkeypatched method exists in this process only
     return out, json.loads((out / "benchmark.json").read_text())
 
 
@@ -186,3 +187,38 @@ def test_resume_reuses_finished_runs_and_refuses_other_settings(bench):
     with pytest.raises(ValueError, match="synthetic data generated with other settings"):
         run_benchmark(["local"], [0], "fast", out, {**OVERRIDES, "synthetic_size": 32}, verbose=False)
     assert json.loads((out / "benchmark.json").read_text())["n_resumed"] == 4  # the refused calls wrote nothing
+
+
+def test_parallel_workers_run_the_centralized_reference_per_site(tmp_path):
+    """Two runs at once (each its own simulator process); the centralized reference trains one pooled model and
+    still reports every site's personalized, protocol and per-round scores on that site's own splits."""
+    res = run_benchmark(["centralized", "local"], [0], "fast", tmp_path, OVERRIDES, verbose=False, workers=2)
+    assert res["workers"] == 2 and res["n_failed"] == 0, [r.get("error") for r in res["runs"]]
+    central = _run_results(tmp_path, "centralized", 0)
+    local = _run_results(tmp_path, "local", 0)
+    assert set(central["clients"]) == {"brain", "breast"}
+    for site in ("brain", "breast"):
+        assert 0.0 <= central["clients"][site]["dice"] <= 1.0
+        assert central["clients"][site]["n_test"] == local["clients"][site]["n_test"]  # the same test slices
+        assert len(central["val_dice_per_round"][site]) == 2 and len(central["test_dice_per_round"][site]) == 2
+        assert central["bytes_uploaded_per_round"][site] == 0
+    assert res["results"]["centralized"]["protocol_mean_dice"]["mean"] is not None
+    assert "2 at a time" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_ablations_are_fedoap_with_one_part_removed(tmp_path):
+    from fedoap.benchmark import ABLATIONS, _config, _parse_methods
+
+    settings = resolve_settings("fast")
+    cfg = _config(settings, "fedoap-no-dca", 0, tmp_path / "run", tmp_path / "data")
+    assert cfg.method == "fedoap" and cfg.method_args == {"cross_attention": False}
+    assert _config(settings, "fedavg", 0, tmp_path, tmp_path).method_args == {}
+    for name, (method, args) in ABLATIONS.items():
+        assert method == "fedoap" and args
+        net = METHODS[method](**args).build_model({"channels": [2, 4, 4, 8], "bottleneck_channels": 8})
+        keys = set(net.state_dict())
+        assert ("dca.to_q.weight" in keys) == args.get("cross_attention", True)
+        assert any(k.startswith("adapter.") for k in keys) == args.get("adapter", True)
+    assert _parse_methods(["fedoap", "fedoap-no-pbl"]) == ["fedoap", "fedoap-no-pbl"]
+    with pytest.raises(ValueError, match="FedOAP's ablations"):
+        _parse_methods(["fedoap-no-such"])

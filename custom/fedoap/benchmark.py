@@ -38,6 +38,8 @@ from fedoap.simulation import SimulationConfig
 __all__ = [
     "PRESETS",
     "OVERRIDABLE",
+    "ABLATIONS",
+    "method_and_args",
     "resolve_settings",
     "protocol_round",
     "summarize_run",
@@ -50,19 +52,21 @@ __all__ = [
 ]
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # CPU, 2 cores: tiny images and network; the NVFlare simulator's start/stop and its ~2 s per round task polling
-    # dominate the run time, not the training (see the README's benchmark section for measured times)
-    "fast": {  # brain MRI and breast ultrasound: both learn something in 6 tiny epochs (liver's small lesions do not)
+    # CPU, 2 cores: tiny images and network. The NVFlare simulator's start/stop and its task polling dominate a run's
+    # time, not the training, so the preset spends its budget on local epochs (4 rounds x 4 epochs): with 4 rounds of
+    # 1 epoch every method was still near its initialization and the ranking was seed noise (measured: a seed where
+    # every method scored 0.15).
+    "fast": {  # brain MRI and breast ultrasound (liver's small lesions need more than a tiny CPU budget)
         "clients": ("brain", "breast"), "unseen": "lung", "cases": {"brain": 6, "breast": 60, "lung": 3},
-        "synthetic_size": 64, "image_size": 32, "width": 8, "total_epochs": 4, "local_epochs": 1,
-        "finetune_epochs": 2, "batch_size": 8, "lr": 1e-3, "device": "cpu", "threads": 0,
+        "synthetic_size": 64, "image_size": 32, "width": 8, "total_epochs": 16, "local_epochs": 4,
+        "finetune_epochs": 4, "batch_size": 8, "lr": 1e-3, "device": "cpu", "threads": 0, "workers": 2,
     },
     # one GPU: FL-MedSegBench's 256 x 256 slices and batch 8, the authors' lr 1e-4, 50 federated epochs
     "full": {
         "clients": ("brain", "liver", "breast"), "unseen": "lung",
         "cases": {"brain": 24, "liver": 16, "breast": 150, "lung": 12},
         "synthetic_size": 256, "image_size": 256, "width": 32, "total_epochs": 50, "local_epochs": 1,
-        "finetune_epochs": 10, "batch_size": 8, "lr": 1e-4, "device": "cuda", "threads": 0,
+        "finetune_epochs": 10, "batch_size": 8, "lr": 1e-4, "device": "cuda", "threads": 0, "workers": 1,
     },
 }
 """Benchmark settings. ``rounds = total_epochs // local_epochs`` unless ``rounds`` is given: changing
@@ -70,8 +74,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 #: keys a caller may override (``--data`` points at real data: one MSD-layout folder per site, used for every seed)
 OVERRIDABLE = ("clients", "unseen", "data", "rounds", "total_epochs", "local_epochs", "finetune_epochs", "image_size",
-               "width", "batch_size", "lr", "device", "threads", "synthetic_size")
-_POSITIVE_INTS = ("rounds", "total_epochs", "local_epochs", "image_size", "width", "batch_size", "synthetic_size")
+               "width", "batch_size", "lr", "device", "threads", "synthetic_size", "workers")
+_POSITIVE_INTS = ("rounds", "total_epochs", "local_epochs", "image_size", "width", "batch_size", "synthetic_size",
+                  "workers")
 #: config keys that may differ between an earlier run and now without changing its results
 _RESUME_IGNORED = ("out", "overwrite", "data")
 RUNS_DIR = "runs"
@@ -116,6 +121,22 @@ def resolve_settings(preset: str, overrides: Optional[Mapping[str, Any]] = None)
     return s
 
 
+#: FedOAP's ablations, selectable in ``--methods`` next to the registered methods: name -> (method, its arguments).
+#: Each removes one part of FedOAP (design notes, section 2) and keeps everything else.
+ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "fedoap-no-dca": ("fedoap", {"cross_attention": False}),  # plain shared UNet bottleneck, no local query
+    "fedoap-no-adapter": ("fedoap", {"adapter": False}),  # no local spatial adapter
+    "fedoap-no-pbl": ("fedoap", {"use_pbl": False}),  # fine-tuning with the plain loss
+    "fedoap-kv-only": ("fedoap", {"partition": "kv_only"}),  # only the key/value branch shared
+    "fedoap-bare": ("fedoap", {"cross_attention": False, "adapter": False, "use_pbl": False}),  # all three removed
+}
+
+
+def method_and_args(name: str) -> tuple[str, dict[str, Any]]:
+    """The registered method and its constructor arguments behind a benchmark method name."""
+    return ABLATIONS[name] if name in ABLATIONS else (name, {})
+
+
 def _parse_methods(methods: Optional[Sequence[str]]) -> list[str]:
     from fedoap.methods import METHODS
 
@@ -124,9 +145,10 @@ def _parse_methods(methods: Optional[Sequence[str]]) -> list[str]:
         raise ValueError("methods is empty")
     if len(set(names)) != len(names):
         raise ValueError(f"methods must be distinct, got {names}")
-    unknown = [m for m in names if m not in METHODS]
+    unknown = [m for m in names if m not in METHODS and m not in ABLATIONS]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
+        raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)} or FedOAP's ablations "
+                         f"{sorted(ABLATIONS)}")
     return names
 
 
@@ -287,9 +309,10 @@ def _seed_data(settings: Mapping[str, Any], out: Path, seed: int) -> Path:
 
 
 def _config(settings: Mapping[str, Any], method: str, seed: int, run_dir: Path, data: Path) -> SimulationConfig:
+    registered, method_args = method_and_args(method)
     return SimulationConfig(
         out=str(run_dir), clients=tuple(settings["clients"]), unseen=settings["unseen"], data=str(data),
-        method=method, method_args={}, width=settings["width"], rounds=settings["rounds"],
+        method=registered, method_args=dict(method_args), width=settings["width"], rounds=settings["rounds"],
         local_epochs=settings["local_epochs"], finetune_epochs=settings["finetune_epochs"],
         image_size=settings["image_size"], batch_size=settings["batch_size"], lr=settings["lr"], seed=seed,
         device=settings["device"], threads=settings["threads"], synthetic_size=settings["synthetic_size"],
@@ -305,6 +328,56 @@ def _config_mismatch(stored: Mapping[str, Any], cfg: SimulationConfig, user_data
     return sorted(k for k in set(now) & set(stored) if k not in ignored and now[k] != stored[k])
 
 
+def _run_one(cfg: SimulationConfig) -> tuple[dict[str, Any], float]:
+    """One run, timed (module level so that a worker process can run it)."""
+    from fedoap.simulation import run_simulation
+
+    run_start = time.time()
+    return run_simulation(cfg, verbose=False), time.time() - run_start
+
+
+def _record(method: str, seed: int, cfg: SimulationConfig, resumed: bool, results: Optional[Mapping[str, Any]],
+            seconds: Optional[float], err: Optional[BaseException] = None) -> dict[str, Any]:
+    record: dict[str, Any] = {"method": method, "seed": seed, "out": cfg.out, "resumed": resumed, "seconds": seconds}
+    if err is None:
+        try:
+            record.update(status="ok", summary=summarize_run(results))
+        except Exception as summary_err:  # noqa: BLE001 - a malformed results file fails this run only
+            err = summary_err
+    if err is not None:
+        record.update(status="failed", error=f"{type(err).__name__}: {err}",
+                      traceback="".join(traceback.format_exception(type(err), err, err.__traceback__)))
+    return record
+
+
+def _execute(plan: Sequence[tuple[int, str, SimulationConfig, Optional[dict[str, Any]]]], workers: int):
+    """Yield one record per planned run, in plan order: reused runs at once, the others run ``workers`` at a time.
+    A failing run is recorded with its error and traceback; the others go on."""
+    import concurrent.futures
+    import multiprocessing
+
+    pool = None
+    if workers > 1 and sum(previous is None for *_, previous in plan) > 1:
+        pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers,
+                                                      mp_context=multiprocessing.get_context("spawn"))
+    try:
+        futures = {i: pool.submit(_run_one, cfg) for i, (*_, cfg, previous) in enumerate(plan)
+                   if previous is None} if pool else {}
+        for i, (seed, method, cfg, previous) in enumerate(plan):
+            if previous is not None:
+                yield _record(method, seed, cfg, True, previous, 0.0)
+                continue
+            try:
+                results, seconds = futures[i].result() if pool else _run_one(cfg)
+            except Exception as err:  # noqa: BLE001 - one method's failure must not end a long benchmark
+                yield _record(method, seed, cfg, False, None, None, err)
+            else:
+                yield _record(method, seed, cfg, False, results, seconds)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
 def run_benchmark(
     methods: Optional[Sequence[str]] = None,
     seeds: Sequence[int] = (0, 1, 2),
@@ -312,6 +385,7 @@ def run_benchmark(
     out: str | Path = "runs/benchmark",
     overrides: Optional[Mapping[str, Any]] = None,
     verbose: bool = True,
+    workers: Optional[int] = None,
 ) -> dict[str, Any]:
     """Run every method on every seed, write ``benchmark.json``, ``benchmark.md`` and two PNG plots in ``out``;
     return the content of ``benchmark.json``.
@@ -324,12 +398,14 @@ def run_benchmark(
             ``results.json`` exists.
         overrides: settings replacing the preset's (keys of :data:`OVERRIDABLE`; None values are ignored).
         verbose: print one line per run (the simulator prints its rounds regardless).
+        workers: runs executed at the same time, each in its own process (its own NVFlare simulator); None: the
+            preset's (``fast``: 2, ``full``: 1). On a small CPU machine most of a tiny run is process start-up and
+            task polling, so 2 workers on 2 cores nearly halve the wall time; the per-run wall times then include the
+            contention (the report says so). Not a setting of the runs: resuming with other workers is fine.
 
     Raises:
         ValueError: a bad argument (named), or ``out`` holds data or a finished run made with other settings.
     """
-    from fedoap.simulation import run_simulation
-
     say = print if verbose else (lambda *a, **k: None)
     methods = _parse_methods(methods)
     seeds = _parse_seeds(seeds)
@@ -354,20 +430,15 @@ def run_benchmark(
                                      "choose another out folder or delete that run")
             plan.append((seed, method, cfg, previous))
 
+    if workers is not None:
+        settings["workers"] = workers
+    workers = settings["workers"]
     records: list[dict[str, Any]] = []
     start = time.time()
-    for i, (seed, method, cfg, previous) in enumerate(plan, 1):
-        record: dict[str, Any] = {"method": method, "seed": seed, "out": cfg.out, "resumed": previous is not None}
-        run_start = time.time()
-        try:
-            if previous is None:
-                if Path(cfg.out).exists():  # what a failed or interrupted run left: never read it as this run's
-                    shutil.rmtree(cfg.out)
-                previous = run_simulation(cfg, verbose=False)
-            record.update(status="ok", summary=summarize_run(previous))
-        except Exception as err:  # noqa: BLE001 - one method's failure must not end a long benchmark
-            record.update(status="failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
-        record["seconds"] = time.time() - run_start
+    for _, _, cfg, previous in plan:
+        if previous is None and Path(cfg.out).exists():  # what a failed or interrupted run left: never read it
+            shutil.rmtree(cfg.out)
+    for i, (record, (seed, method, _, _)) in enumerate(zip(_execute(plan, workers), plan), 1):
         records.append(record)
         if record["status"] == "ok":
             sm = record["summary"]
@@ -397,6 +468,7 @@ def run_benchmark(
         "n_runs": len(records),
         "n_failed": sum(r["status"] != "ok" for r in records),
         "n_resumed": sum(r["resumed"] for r in records),
+        "workers": workers,
         "wall_time_s": time.time() - start,
         "figures": {"dice_per_client": "dice_per_client.png", "val_dice_per_round": "val_dice_per_round.png"},
     }
@@ -478,6 +550,9 @@ def benchmark_markdown(result: Mapping[str, Any]) -> str:
         f"Values: mean ± {result['std']}. Bytes: what one site uploads per round (shared parameters only).",
         "",
     ]
+    if result.get("workers", 1) > 1:
+        lines += [f"Runs: {result['workers']} at a time, each in its own process; a run's wall time includes the "
+                  "contention with the others (compare wall times only within one benchmark).", ""]
     if result["n_resumed"]:
         lines += [f"Resume: {result['n_resumed']} of {result['n_runs']} runs were reused from an earlier invocation "
                   "(their `results.json` already existed in `runs/<method>/seed<k>`; wall times are theirs).", ""]
