@@ -30,11 +30,14 @@ def test_peak_memory_counts_child_processes():
         subprocess.run([sys.executable, "-c", code], check=True)
     assert peak.peak_processes >= 2
     assert peak.peak_bytes > 200 * 2**20  # the child's 200 MB buffer is in the sum
+    assert peak.peak_used_increase_bytes > 100 * 2**20  # and the machine's used memory rose meanwhile
 
 
 def test_scale_table_has_one_row_per_method():
     row = {"method": "fedavg", "sites": 30, "wall_time_s": 100.0, "mean_round_seconds": 12.5,
-           "peak_rss_bytes": 3 * 2**30, "peak_processes": 33, "mean_dice": 0.5, "worst_site_dice": 0.1,
+           "peak_rss_bytes": 3 * 2**30, "peak_system_used_increase_bytes": 2**30, "peak_processes": 33,
+           "mean_dice": 0.5, "worst_site_dice": 0.0,
            "bytes_uploaded_per_round_per_site": 3.1e6}
     lines = scale_table([row, {**row, "method": "fedoap"}]).splitlines()
     assert len(lines) == 3 and lines[1].split()[:2] == ["fedavg", "30"] and "3.00" in lines[1]
+    assert lines[1].split()[-2] == "0.000"  # a worst site at Dice 0 is a number, not a missing value

@@ -54,8 +54,10 @@ def scale_sites(n_sites: int, smallest: float = 0.25, seed: int = 0) -> dict[str
 
 
 class PeakMemory:
-    """Samples the summed RSS of this process and all its descendants in a background thread; ``peak_bytes`` and
-    ``peak_processes`` after :meth:`stop`."""
+    """Samples, in a background thread, the summed RSS of this process and all its descendants (``peak_bytes``: an
+    upper bound, pages shared between processes count once per process), their number (``peak_processes``) and the
+    machine's used memory above its level at the start (``peak_used_increase_bytes``: closer to the real cost, but
+    it includes anything else that started meanwhile)."""
 
     def __init__(self, interval_s: float = 0.2) -> None:
         import psutil
@@ -64,6 +66,8 @@ class PeakMemory:
         self.interval_s = interval_s
         self.peak_bytes = 0
         self.peak_processes = 0
+        self.baseline_used_bytes = psutil.virtual_memory().used
+        self.peak_used_increase_bytes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -78,6 +82,8 @@ class PeakMemory:
                 continue
         self.peak_bytes = max(self.peak_bytes, total)
         self.peak_processes = max(self.peak_processes, count)
+        used = self._psutil.virtual_memory().used - self.baseline_used_bytes
+        self.peak_used_increase_bytes = max(self.peak_used_increase_bytes, used)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -137,6 +143,7 @@ def _row(method: str, results: dict[str, Any], history: dict[str, Any], peak: Pe
         "mean_round_seconds": float(np.mean(rounds)),
         "mean_round_seconds_after_first": float(np.mean(rounds[1:])) if len(rounds) > 1 else None,
         "peak_rss_bytes": peak.peak_bytes,
+        "peak_system_used_increase_bytes": peak.peak_used_increase_bytes,
         "peak_processes": peak.peak_processes,
         "mean_dice": float(np.mean(dice)) if dice else None,
         "worst_site_dice": float(np.min(dice)) if dice else None,
@@ -145,12 +152,15 @@ def _row(method: str, results: dict[str, Any], history: dict[str, Any], peak: Pe
 
 
 def scale_table(rows: Sequence[dict[str, Any]]) -> str:
-    lines = [f"{'method':10s} {'sites':>5s} {'wall s':>8s} {'s/round':>8s} {'peak RSS GB':>12s} {'procs':>6s} "
-             f"{'mean Dice':>9s} {'worst':>6s} {'MB/site/round':>13s}"]
+    def num(value: Optional[float]) -> float:
+        return float("nan") if value is None else value
+
+    lines = [f"{'method':10s} {'sites':>5s} {'wall s':>8s} {'s/round':>8s} {'sum RSS GB':>11s} {'used +GB':>9s} "
+             f"{'procs':>6s} {'mean Dice':>9s} {'worst':>6s} {'MB/site/round':>13s}"]
     for r in rows:
         lines.append(f"{r['method']:10s} {r['sites']:5d} {r['wall_time_s']:8.1f} {r['mean_round_seconds']:8.1f} "
-                     f"{r['peak_rss_bytes'] / 2**30:12.2f} {r['peak_processes']:6d} "
-                     f"{(r['mean_dice'] or float('nan')):9.3f} {(r['worst_site_dice'] or float('nan')):6.3f} "
+                     f"{r['peak_rss_bytes'] / 2**30:11.2f} {num(r.get('peak_system_used_increase_bytes')) / 2**30:9.2f} "
+                     f"{r['peak_processes']:6d} {num(r['mean_dice']):9.3f} {num(r['worst_site_dice']):6.3f} "
                      f"{r['bytes_uploaded_per_round_per_site'] / 1e6:13.3f}")
     return "\n".join(lines)
 
@@ -187,13 +197,15 @@ def bench_scale(cfg: ScaleConfig, verbose: bool = True) -> dict[str, Any]:
         history = json.loads((Path(results["workspace"]) / "server" / "simulate_job" / "fedoap_history.json")
                              .read_text())
         rows.append(_row(method, results, history, peak, wall))
-        say(f"[scale] {method}: {wall:.0f} s, {rows[-1]['mean_round_seconds']:.1f} s/round, peak RSS "
-            f"{peak.peak_bytes / 2**30:.2f} GB over {peak.peak_processes} processes")
+        say(f"[scale] {method}: {wall:.0f} s, {rows[-1]['mean_round_seconds']:.1f} s/round, peak summed RSS "
+            f"{peak.peak_bytes / 2**30:.2f} GB over {peak.peak_processes} processes, machine's used memory "
+            f"+{peak.peak_used_increase_bytes / 2**30:.2f} GB")
     report = {"config": cfg.as_dict(), "sites": {k: list(v) for k, v in sites.items()}, "results": rows,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
               "notes": "wall_time_s includes data validation, the simulator's start and stop, the rounds and the "
                        "final fine-tuning; round_seconds is the server's time per round; peak RSS sums this process "
-                       "and every descendant (shared pages counted once per process, so it over-estimates)"}
+                       "and every descendant (shared pages counted once per process, so it over-estimates); "
+                       "peak_system_used_increase_bytes is the machine's used memory above its level at the start"}
     if len(rows) > 1:
         ref = rows[-1]
         report["ratios_to_" + ref["method"]] = {
