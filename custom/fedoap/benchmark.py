@@ -604,7 +604,7 @@ def plot_dice_per_client(result: Mapping[str, Any], path: Path) -> Path:
     methods = [m for m in result["ranking"]]
     sites = sorted({site for m in methods for site in res[m]["clients"]})
     groups = sites + ["mean"]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) * max(1, len(methods)) * 0.35 + 3), 4))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.3 * len(groups) * max(1, len(methods)) + 3)), 5))
     width = 0.8 / max(1, len(methods))
     x = np.arange(len(groups))
     colors = _colors(len(methods))
@@ -619,8 +619,9 @@ def plot_dice_per_client(result: Mapping[str, Any], path: Path) -> Path:
     ax.set_ylabel("personalized test Dice per image (mean)")
     ax.set_title(f"Dice per method per site ({result['preset']} preset, {len(result['seeds'])} seed(s))")
     ax.grid(axis="y", alpha=0.3)
-    if methods:
-        ax.legend(fontsize=7, ncol=max(1, len(methods) // 8 + 1), loc="upper right")
+    if methods:  # below the axes: with many methods a legend inside would cover the bars
+        ax.legend(fontsize=7, ncol=min(len(methods), 7), loc="upper center", bbox_to_anchor=(0.5, -0.08),
+                  frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
