@@ -11,7 +11,7 @@ import pytest
 from nvflare.app_common.widgets.component_path_authorizer import ComponentPathAuthorizer
 
 from fedoap.fl import client as client_script
-from fedoap.fl.executor import resolve_package_script
+from fedoap.fl.executor import CLIENT_SCRIPT, resolve_client_script
 from fedoap.fl.jobs import JOBS, export_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,9 +65,9 @@ def test_job_carries_no_code_no_data_path_and_only_allowed_classes(name):
 
     client = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())
     (executor,) = client["executors"]
-    assert executor["executor"]["path"] == "fedoap.fl.executor.PackageScriptExecutor"
+    assert executor["executor"]["path"] == "fedoap.fl.executor.FedOAPExecutor"
     exec_args = executor["executor"]["args"]
-    assert exec_args["task_script_path"] == "fedoap/fl/client.py"
+    assert set(exec_args) == {"task_script_args"}  # no script path, command or mode: the executor fixes them
     parsed = client_script.build_parser().parse_args(exec_args["task_script_args"].split())
     assert parsed.data_root == "" and parsed.unseen_dir == ""  # each site's own configuration says where
     assert parsed.method == JOBS[name].method and parsed.he == JOBS[name].he
@@ -79,13 +79,12 @@ def test_job_carries_no_code_no_data_path_and_only_allowed_classes(name):
 def test_script_of_the_installed_package_is_found_on_the_site(tmp_path):
     import fedoap.fl.client
 
-    assert resolve_package_script("fedoap/fl/client.py") == fedoap.fl.client.__file__
+    assert resolve_client_script() == fedoap.fl.client.__file__
+    assert resolve_client_script(str(tmp_path)) == fedoap.fl.client.__file__  # no copy in the job: the installed one
     (tmp_path / "fedoap" / "fl").mkdir(parents=True)
     (tmp_path / "fedoap" / "fl" / "client.py").write_text("")
     # a bring-your-own-code job's copy stays relative: NVFlare runs the one under the job's custom folder
-    assert resolve_package_script("fedoap/fl/client.py", str(tmp_path)) == "fedoap/fl/client.py"
-    with pytest.raises(ValueError, match="pip install fedoap"):
-        resolve_package_script("nosuchpkg/client.py")
+    assert resolve_client_script(str(tmp_path)) == CLIENT_SCRIPT
 
 
 def test_byoc_export_carries_the_whole_package(tmp_path):

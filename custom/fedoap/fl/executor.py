@@ -1,93 +1,169 @@
-"""Run the client script of the fedoap package installed on a site, so that a job carries no code.
+"""The only executor a fedoap job uses at a site: fedoap's own client script, in-process, and nothing else.
 
-NVFlare's ``ClientAPIExecutor`` (in-process) takes the training script as an absolute path, or as a path it looks
-for under the job's ``custom/`` folder; a job with a ``custom/`` folder is bring-your-own-code (BYOC), which needs the
-submitter's ``byoc`` right and skips the site's class allow-list. A job that names a script of a package installed
-on every site (``pip install fedoap``) needs neither, but no absolute path is the same on every machine.
+NVFlare's ``ClientAPIExecutor`` runs whatever a job names: any ``task_script_path`` it can import, or an external
+``command`` (NVFlare's own default class allow-list leaves it out for that reason). A site that allow-listed it, or a
+prefix admitting a subclass that passes its arguments through, would run arbitrary code for anyone allowed to submit
+a job without bring-your-own-code rights. :class:`FedOAPExecutor` therefore takes no script path, command or execution
+mode at all: it always runs ``fedoap/fl/client.py`` in-process (from the job's ``custom/`` folder in a
+bring-your-own-code job, else from the package installed on the site), and refuses with a ``ValueError`` naming the
+argument any job that tries to set one of them. In a deployed site (not the simulator) it also refuses the client
+script's data-folder options: there the data folders come only from the site's own configuration
+(``local/fedoap_site.json``). The same checks run earlier, when the job is deployed, through the site's app validator
+(``fedoap.fl.app_validator``), so a refused job never starts and ``nvflare job meta`` says why.
 
-:class:`PackageScriptExecutor` keeps the script as a path relative to the Python import roots
-(``"fedoap/fl/client.py"``) and resolves it when the job starts on the site: under the job's ``custom/`` folder if it
-is there (a BYOC job), else through Python's import system (``fedoap.fl.client`` of the installed package).
-:class:`PackageScriptRunner` puts it into a job (``FedOAPRecipe(installed_code=True)``).
+:class:`FedOAPScriptRunner` puts the executor into a job (``FedOAPRecipe(installed_code=True)``).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Optional
+from typing import Any, Optional
 
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.executors.client_api_executor import ClientAPIExecutor, ExecutionMode
+from nvflare.client.config import ExchangeFormat, TransferType
 from nvflare.job_config.script_runner import ScriptRunner
 
-__all__ = ["PackageScriptExecutor", "PackageScriptRunner", "resolve_package_script"]
+__all__ = ["FedOAPExecutor", "FedOAPScriptRunner", "CLIENT_SCRIPT", "DATA_OPTIONS", "ALLOWED_ARGS",
+           "resolve_client_script", "job_data_options", "refused_args"]
+
+#: the one script the executor runs, relative to the Python import roots (and to a BYOC job's custom folder)
+CLIENT_SCRIPT = "fedoap/fl/client.py"
+#: client-script options that point at data folders: accepted only in the simulator
+DATA_OPTIONS = ("--data-root", "--unseen-dir", "--pool-sites")
+#: the executor arguments a job may set; everything else (script path, command, execution mode, launch and attach
+#: settings) is fixed here
+ALLOWED_ARGS = frozenset({"task_script_args", "params_exchange_format", "server_expected_format",
+                          "params_transfer_type", "memory_gc_rounds", "cuda_empty_cache"})
 
 
-def resolve_package_script(script: str, custom_dir: Optional[str] = None) -> str:
-    """Where a script named relative to the import roots lives on this site.
+def _split_args(task_script_args: str) -> list[str]:
+    """The client script's argv as NVFlare's in-process runner builds it (whitespace split, quotes kept)."""
+    from nvflare.fuel.utils.secret_utils import split_command_preserving_secret_refs
+
+    return split_command_preserving_secret_refs(task_script_args, posix=False, group_secret_ref_quotes=False)
+
+
+def job_data_options(task_script_args: str) -> list[str]:
+    """The data-folder options (:data:`DATA_OPTIONS`) that ``task_script_args`` sets (exact names or ``--opt=value``;
+    the client script's parser admits no abbreviations)."""
+    found = []
+    for token in _split_args(task_script_args or ""):
+        for option in DATA_OPTIONS:
+            if token == option or token.startswith(option + "="):
+                found.append(option)
+    return sorted(set(found))
+
+
+def refused_args(args: dict[str, Any], simulate: bool = False) -> Optional[str]:
+    """Why a job's executor arguments are refused, or None if they are acceptable.
 
     Args:
-        script: ``"fedoap/fl/client.py"``-style path (an absolute path is returned unchanged).
-        custom_dir: the job's ``custom/`` folder on this site, if any.
+        args: the executor's arguments as the job configures them.
+        simulate: the job runs in NVFlare's simulator (data folders may then come from the job).
+    """
+    extra = sorted(set(args) - ALLOWED_ARGS)
+    if extra:
+        return (f"FedOAPExecutor runs only fedoap's own client script in-process; the job sets {extra}, which a job "
+                f"may not set (allowed: {sorted(ALLOWED_ARGS)})")
+    script_args = args.get("task_script_args", "")
+    if not isinstance(script_args, str):
+        return f"task_script_args must be a string, got {type(script_args).__name__}"
+    if "${" in script_args:
+        return "task_script_args may not reference the site's secrets or environment (${...})"
+    if not simulate:
+        data = job_data_options(script_args)
+        if data:
+            return (f"the job sets {data}: in a deployed site the data folders come only from the site's own "
+                    "configuration (local/fedoap_site.json), never from a job")
+    return None
 
-    Returns:
-        ``script`` unchanged when it is absolute or lies under ``custom_dir`` (NVFlare finds it there), else the file
-        of the module Python imports for it.
+
+def resolve_client_script(custom_dir: Optional[str] = None) -> str:
+    """Where :data:`CLIENT_SCRIPT` lives on this site: under the job's ``custom/`` folder in a bring-your-own-code
+    job (NVFlare finds it there by this relative path), else the file of the installed ``fedoap.fl.client``.
 
     Raises:
-        ValueError: not a ``.py`` path, or no such module is importable here.
+        ValueError: fedoap is not installed here and the job carries no copy.
     """
-    if os.path.isabs(script):
-        return script
-    if custom_dir and os.path.isfile(os.path.join(custom_dir, script)):
-        return script
-    if not script.endswith(".py"):
-        raise ValueError(f"script must be a .py path like 'fedoap/fl/client.py', got {script!r}")
-    module = script[: -len(".py")].replace("/", ".").replace(os.sep, ".")
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        spec = None
+    if custom_dir and os.path.isfile(os.path.join(custom_dir, CLIENT_SCRIPT)):
+        return CLIENT_SCRIPT
+    spec = importlib.util.find_spec("fedoap.fl.client")
     if spec is None or not spec.origin or not os.path.isfile(spec.origin):
-        raise ValueError(f"script {script!r} is neither in the job's custom folder nor an importable module "
-                         f"({module}): install the package on this site (pip install fedoap), or submit the job "
-                         "with its code (bring-your-own-code)")
+        raise ValueError("fedoap.fl.client is not importable on this site: install the package (pip install fedoap)")
     return spec.origin
 
 
-class PackageScriptExecutor(ClientAPIExecutor):
-    """``ClientAPIExecutor`` whose ``task_script_path`` may name a script of an installed package (see the module
-    docstring). Same arguments as ``ClientAPIExecutor``."""
+class FedOAPExecutor(ClientAPIExecutor):
+    """Runs fedoap's client script in-process (see the module docstring); a job may set only :data:`ALLOWED_ARGS`.
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    Raises:
+        ValueError: the job sets any other argument (a script path, a command, an execution mode, ...) or passes
+            secrets references in ``task_script_args``.
+    """
+
+    def __init__(
+        self,
+        task_script_args: str = "",
+        params_exchange_format: str = ExchangeFormat.PYTORCH,
+        server_expected_format: str = ExchangeFormat.PYTORCH,
+        params_transfer_type: str = TransferType.FULL,
+        memory_gc_rounds: int = 0,
+        cuda_empty_cache: bool = False,
+        **refused: Any,
+    ) -> None:
+        reason = refused_args({"task_script_args": task_script_args, **refused}, simulate=True)
+        if reason:
+            raise ValueError(reason)
+        super().__init__(
+            execution_mode=ExecutionMode.IN_PROCESS,
+            task_script_path=CLIENT_SCRIPT,
+            task_script_args=task_script_args,
+            params_exchange_format=params_exchange_format,
+            server_expected_format=server_expected_format,
+            params_transfer_type=params_transfer_type,
+            memory_gc_rounds=memory_gc_rounds,
+            cuda_empty_cache=cuda_empty_cache,
+        )
+        # stored under the constructor's names, so that NVFlare's job export writes them back
+        self.task_script_args = task_script_args
+        self.params_exchange_format = params_exchange_format
+        self.server_expected_format = server_expected_format
+        self.params_transfer_type = params_transfer_type
+        self.memory_gc_rounds = memory_gc_rounds
+        self.cuda_empty_cache = cuda_empty_cache
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
-        if event_type == EventType.START_RUN and self._task_script_path:
+        if event_type == EventType.START_RUN:
+            simulate = bool(fl_ctx.get_prop(FLContextKey.SIMULATE_MODE, False))
+            reason = refused_args({"task_script_args": self.task_script_args}, simulate=simulate)
             workspace = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
             job_id = fl_ctx.get_prop(FLContextKey.CURRENT_JOB_ID)
             custom_dir = workspace.get_app_custom_dir(job_id) if workspace is not None and job_id else None
-            try:
-                self._task_script_path = resolve_package_script(self._task_script_path, custom_dir)
-            except ValueError as err:
-                self.system_panic(str(err), fl_ctx)
+            if reason is None:
+                try:
+                    self._task_script_path = resolve_client_script(custom_dir)
+                except ValueError as err:
+                    reason = str(err)
+            if reason:
+                self.system_panic(reason, fl_ctx)
                 return
         super().handle_event(event_type, fl_ctx)
 
 
-class PackageScriptRunner(ScriptRunner):
-    """``ScriptRunner`` (in-process) that adds a :class:`PackageScriptExecutor` and copies no script into the job."""
+class FedOAPScriptRunner(ScriptRunner):
+    """``ScriptRunner`` that adds a :class:`FedOAPExecutor` and copies no script into the job."""
 
     def add_to_fed_job(self, job, ctx, **kwargs):
         job.check_kwargs(args_to_check=kwargs, args_expected={"tasks": False})
         if self._execution_mode != ExecutionMode.IN_PROCESS:
-            raise ValueError("PackageScriptRunner runs the script in-process only")
-        executor = PackageScriptExecutor(
-            execution_mode=self._execution_mode,
-            task_script_path=self._script,
+            raise ValueError("FedOAPScriptRunner runs the client script in-process only")
+        if self._script != CLIENT_SCRIPT:
+            raise ValueError(f"FedOAPScriptRunner runs {CLIENT_SCRIPT} only, got {self._script!r}")
+        executor = FedOAPExecutor(
             task_script_args=self._script_args,
             params_exchange_format=self._params_exchange_format,
             server_expected_format=self._server_expected_format,

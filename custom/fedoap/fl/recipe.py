@@ -21,10 +21,10 @@ from nvflare.client.config import ExchangeFormat
 from fedoap.fl import client as client_script
 from fedoap.fl.aggregation import PLAINTEXT_RULES, SERVER_RULES
 from fedoap.fl.controller import SharedParamsFedAvg
-from fedoap.fl.executor import PackageScriptRunner
+from fedoap.fl.executor import CLIENT_SCRIPT, FedOAPScriptRunner
 from fedoap.methods import get_method
 
-__all__ = ["FedOAPRecipe", "client_args_string", "HE_RULES", "DP_OPTIONS", "INSTALLED_CLIENT_SCRIPT"]
+__all__ = ["FedOAPRecipe", "client_args_string", "HE_RULES", "DP_OPTIONS"]
 
 #: server rules that are sums of client contributions, so the server can compute them on ciphertexts (FedGS runs under
 #: "weighted_mean" with step-count weights; "fednova", "fedawa", "fedlws" need the global model in clear)
@@ -32,8 +32,6 @@ HE_RULES = frozenset(SERVER_RULES) - PLAINTEXT_RULES
 #: privacy options passed to every site's client script
 DP_OPTIONS = frozenset({"dp_update_clip", "dp_update_noise", "dp_delta", "dp_sgd_noise", "dp_sgd_epsilon",
                         "dp_sgd_clip"})
-#: the client script as a job that relies on the installed package names it (resolved on each site)
-INSTALLED_CLIENT_SCRIPT = "fedoap/fl/client.py"
 
 
 def client_args_string(args: dict[str, Any]) -> str:
@@ -78,8 +76,9 @@ class FedOAPRecipe(FedAvgRecipe):
         task_request_interval: seconds a site waits before asking the server for its next task (NVFlare's default
             2 s; a simulation on one machine gains seconds per round with 0.2).
         installed_code: the job carries no code: every site runs the fedoap package installed on it (the client
-            script is found through Python's import system, ``fedoap.fl.executor``), so the job is not
-            bring-your-own-code and the sites' class allow-lists must admit ``fedoap.``. False (the simulator):
+            script is found through Python's import system by ``fedoap.fl.executor.FedOAPExecutor``, which runs
+            nothing else), so the job is not bring-your-own-code and the sites' class allow-lists must list fedoap's
+            classes (``poc_workspace/local/resources.json``). False (the simulator):
             NVFlare copies the modules the job's components come from into the job.
 
     Raises:
@@ -173,7 +172,7 @@ class FedOAPRecipe(FedAvgRecipe):
     def _create_client_runner(self, site_config: dict):
         if not self.installed_code:
             return super()._create_client_runner(site_config)
-        return PackageScriptRunner(script=INSTALLED_CLIENT_SCRIPT, script_args=self.train_args,
+        return FedOAPScriptRunner(script=CLIENT_SCRIPT, script_args=self.train_args,
                                    framework=self._client_runner_framework,
                                    server_expected_format=self.server_expected_format,
                                    params_transfer_type=self.params_transfer_type)
