@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedoap.cli import main
-from fedoap.fl.controller import ENCRYPTED_CHECKPOINT, HISTORY_FILE
+from fedoap.fl.controller import ENCRYPTED_CHECKPOINT, HISTORY_FILE, load_encrypted_checkpoint
 from fedoap.networks import FedOAPNet
 from fedoap.privacy.dp import update_dp_epsilon
 from fedoap.privacy.he import HE_KEY_PREFIX, from_params
@@ -29,7 +29,7 @@ def run(tmp_path_factory):
 def test_server_saw_and_saved_only_ciphertext_for_the_shared_part(run):
     out, res = run
     server = Path(res["workspace"]) / "server" / "simulate_job"
-    saved = torch.load(server / "app_server" / ENCRYPTED_CHECKPOINT, weights_only=False)
+    saved = load_encrypted_checkpoint(server / "app_server" / ENCRYPTED_CHECKPOINT)
     assert saved["round"] == 1
     assert all(k.startswith(HE_KEY_PREFIX) for k in saved["encrypted_shared"])
     update = from_params(saved["encrypted_shared"])

@@ -71,7 +71,9 @@ def test_figures_and_site_local_files(run):
         detail = json.loads((local / "personalized.json").read_text())
         assert detail["finetune"]["best_epoch"] in (0, 1)  # chosen on the validation split
         assert len(detail["finetune"]["val_dice_per_epoch"]) == 2
-        assert (local / "personalized_model.pt").is_file()
+        assert (local / "personalized_model.safetensors").is_file()
+        for written in local.iterdir():  # patient images, per-image scores and the model: owner-only
+            assert written.stat().st_mode & 0o077 == 0, written
 
 
 def test_existing_results_are_not_overwritten(run, capsys):

@@ -1,16 +1,18 @@
-"""JSON files a user reads: strict JSON (NaN/Inf become null), written atomically so a crash never leaves half a file."""
+"""JSON files a user reads: strict JSON (NaN/Inf become null), written atomically so a crash never leaves half a file
+(owner-only on request, for results about a site's patients)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["to_jsonable", "write_json"]
+__all__ = ["to_jsonable", "to_json_text", "write_json"]
 
 
 def to_jsonable(value: Any) -> Any:
@@ -31,12 +33,46 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Write ``data`` as indented strict JSON through a temporary file and an atomic rename."""
+def to_json_text(data: Any) -> str:
+    """``data`` as indented strict JSON text (see :func:`to_jsonable`)."""
+    return json.dumps(to_jsonable(data), indent=2, allow_nan=False)
+
+
+def write_json(path: str | os.PathLike, data: Any, *, private: bool = False) -> Path:
+    """Write ``data`` as indented strict JSON through a unique temporary file and an atomic rename.
+
+    The whole text is made before any file is touched, so data that cannot be serialized leaves the old file as it
+    was. Each writer gets its own temporary file (two writers of the same path never mix their bytes; the last rename
+    wins).
+
+    Args:
+        private: write an owner-only (0600) file (:func:`fedoap.privacy.at_rest.write_private`), for results that
+            describe a site's patients; otherwise the file gets the usual mode (0666 less the umask).
+    """
+    text = to_json_text(data).encode("utf-8")
+    if private:  # imported here: fedoap.privacy loads TenSEAL and Opacus, which a report writer need not
+        from fedoap.privacy.at_rest import write_private
+
+        return write_private(path, text)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(to_jsonable(data), f, indent=2, allow_nan=False)
-    os.replace(tmp, path)
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        try:  # O_EXCL: a name another writer took is never reused; 0o666 lets the umask decide, as open() would
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        break
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fd = -1
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
     return path

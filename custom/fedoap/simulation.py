@@ -25,6 +25,7 @@ from fedoap.data import generate_federation, load_site, load_unseen
 from fedoap.eval.metrics import EMPTY_MASK_RULE
 from fedoap.fl.client import SITE_RESULTS_DIR
 from fedoap.fl.controller import HISTORY_FILE
+from fedoap.fl.site_outputs import find_site_outputs, load_detail, load_overlays
 from fedoap.jsonio import write_json
 from fedoap.methods import get_method
 from fedoap.methods.centralized import POOLED_SITE
@@ -152,12 +153,11 @@ def _read_site(ws: Path, site: str, pooled: bool = False) -> tuple[dict[str, Any
     folder = ws / process / SIM_JOB_ID / SITE_RESULTS_DIR
     if pooled:
         folder = folder / site
-    path = folder / "personalized.json"
-    if not path.is_file():
-        raise SimulationError(f"{path} was not written: site {site!r} failed; see {ws / process / 'log.txt'}")
-    with np.load(folder / "overlays.npz") as npz:
-        overlays = {k: npz[k] for k in npz.files}
-    return json.loads(path.read_text()), overlays
+    try:
+        paths = find_site_outputs(folder)
+    except FileNotFoundError as err:
+        raise SimulationError(f"{err}: site {site!r} failed; see {ws / process / 'log.txt'}") from err
+    return load_detail(paths.detail), load_overlays(paths.overlays)
 
 
 def _unpool_history(history: dict[str, Any], sites: Sequence[str]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
 import torch
 from typing import Any, Optional
 
@@ -38,10 +39,14 @@ from fedoap.fl.aggregation import payload_bytes
 from fedoap.jsonio import write_json
 
 __all__ = ["SharedParamsFedAvg", "HISTORY_FILE", "TRAIN_TASK", "PERSONALIZE_TASK", "SERVER_RULES", "NUM_SAMPLES_KEY",
-           "AGGREGATION_WEIGHT_KEY", "NUM_STEPS_KEY", "SITE_STATISTICS_KEY"]
+           "AGGREGATION_WEIGHT_KEY", "NUM_STEPS_KEY", "SITE_STATISTICS_KEY", "ENCRYPTED_CHECKPOINT",
+           "encrypted_checkpoint_bytes", "load_encrypted_checkpoint"]
 
 HISTORY_FILE = "fedoap_history.json"
-ENCRYPTED_CHECKPOINT = "FL_global_model_encrypted.pt"
+#: the server's checkpoint under HE (ciphertext only), in its app folder: safetensors, no pickle
+ENCRYPTED_CHECKPOINT = "FL_global_model_encrypted.safetensors"
+#: recorded in the encrypted checkpoint's safetensors metadata, with the round
+ENCRYPTED_CHECKPOINT_FORMAT = "fedoap-he-checkpoint/1"
 TRAIN_TASK = "train"
 PERSONALIZE_TASK = "personalize"
 #: meta key with which a client reports its number of training samples (the aggregation weight unless it reports one)
@@ -65,6 +70,37 @@ def _count_numbers(value: Any) -> int:
     if isinstance(value, (list, tuple)):
         return sum(_count_numbers(v) for v in value)
     return int(isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def encrypted_checkpoint_bytes(aggregate: dict[str, Any], rnd: int) -> bytes:
+    """The HE aggregate (the uint8/float64 transport arrays of ``fedoap.privacy.he.to_params``) as safetensors, with
+    the format and the round in its metadata: loading it never unpickles anything."""
+    from safetensors.numpy import save
+
+    arrays = {k: np.ascontiguousarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+              for k, v in aggregate.items()}
+    return save(arrays, metadata={"format": ENCRYPTED_CHECKPOINT_FORMAT, "round": str(int(rnd))})
+
+
+def load_encrypted_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read :data:`ENCRYPTED_CHECKPOINT`: ``{"round": int, "encrypted_shared": {key: numpy array}}``, the arrays as
+    ``fedoap.privacy.he.from_params`` takes them.
+
+    Raises:
+        ValueError: the file is not a safetensors file of this format (names the file).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not a safetensors checkpoint: {err}") from None
+    if meta.get("format") != ENCRYPTED_CHECKPOINT_FORMAT or not str(meta.get("round", "")).isdigit():
+        raise ValueError(f"{path} is not an encrypted checkpoint of format {ENCRYPTED_CHECKPOINT_FORMAT!r} "
+                         f"(metadata {meta})")
+    return {"round": int(meta["round"]), "encrypted_shared": arrays}
 
 
 class SharedParamsFedAvg(ModelController):
@@ -247,9 +283,11 @@ class SharedParamsFedAvg(ModelController):
     def _save(self, model: FLModel, aggregate: dict[str, Any], rnd: int) -> None:
         """Persist the round's aggregate: through the persistor in clear, or (HE) as ciphertext only."""
         model.current_round = rnd
-        if self.he:
-            torch.save({"round": rnd, "encrypted_shared": aggregate},
-                       os.path.join(self.get_app_dir(), ENCRYPTED_CHECKPOINT))
+        if self.he:  # owner-only, atomic, no pickle
+            from fedoap.privacy.at_rest import write_private
+
+            write_private(os.path.join(self.get_app_dir(), ENCRYPTED_CHECKPOINT),
+                          encrypted_checkpoint_bytes(aggregate, rnd))
             return
         model.params.update({k: torch.as_tensor(v) for k, v in aggregate.items()})
         self.save_model(model)
