@@ -26,7 +26,6 @@ import copy
 import json
 import os
 import sys
-import zlib
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -38,9 +37,10 @@ from fedoap.eval.metrics import EMPTY_MASK_RULE, summarize
 from fedoap.fl.controller import AGGREGATION_WEIGHT_KEY, NUM_SAMPLES_KEY, PERSONALIZE_TASK, SITE_STATISTICS_KEY
 from fedoap.fl.site_config import find_site_config, load_site_config
 from fedoap.fl.site_policy import policy_from_meta
-from fedoap.fl.site_privacy import DP_STAMP_KEY, SitePrivacy, stricter
-from fedoap.jsonio import write_json
+from fedoap.fl.site_outputs import write_site_outputs
+from fedoap.fl.site_privacy import DP_STAMP_KEY, SitePrivacy, public_metrics, stricter
 from fedoap.methods import get_method
+from fedoap.privacy.at_rest import find_site_key, make_private_dir
 from fedoap.privacy.dp import DPSGDConfig, UpdateDPConfig
 from fedoap.training import LocalTrainer, TrainConfig
 
@@ -52,7 +52,8 @@ N_OVERLAYS = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # no abbreviations: a deployed site refuses the data-folder options by their exact names (fedoap.fl.executor)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--data-root", default="", help="folder with one MSD-layout sub-folder per site (simulation); "
                    "without it the site reads its data folder from its configuration (local/fedoap_site.json)")
     p.add_argument("--unseen-dir", default="", help="MSD-layout folder of the unseen organ (optional; a deployed "
@@ -83,9 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _site_output_dir(job_id: str) -> Path:
-    path = Path(os.getcwd()) / job_id / SITE_RESULTS_DIR
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return make_private_dir(Path(os.getcwd()) / job_id / SITE_RESULTS_DIR)
 
 
 def _overlay_indices(split: SliceSet, n: int) -> np.ndarray:
@@ -94,8 +93,10 @@ def _overlay_indices(split: SliceSet, n: int) -> np.ndarray:
     return np.argsort(-area, kind="stable")[:n]
 
 
-def personalize(trainer: LocalTrainer, data: SiteData, unseen: Optional[SliceSet], out_dir: Path) -> dict:
-    """Fine-tune, evaluate, write the site's detailed results; return the metrics sent to the server."""
+def personalize(trainer: LocalTrainer, data: SiteData, unseen: Optional[SliceSet], out_dir: Path,
+                key: Optional[bytes] = None) -> dict:
+    """Fine-tune, evaluate, write the site's detailed results (owner-only; encrypted under the site's at-rest ``key``
+    when it has one, ``fedoap.fl.site_outputs``); return the metrics sent to the server."""
     finetune = trainer.finetune()
     test_scores = trainer.evaluate(data.test)
     test = summarize(test_scores)
@@ -116,14 +117,10 @@ def personalize(trainer: LocalTrainer, data: SiteData, unseen: Optional[SliceSet
         metrics.update({"unseen_dice": unseen_scores["dice"], "unseen_hd95": unseen_scores["hd95"]})
         detail["unseen"] = unseen_scores
     idx = _overlay_indices(data.test, N_OVERLAYS)
-    np.savez_compressed(
-        out_dir / "overlays.npz",
-        image=data.test.images[idx, 0],
-        label=data.test.labels[idx, 0],
-        pred=trainer.predict(data.test.images[idx]).numpy()[:, 0],
-    )
-    torch.save(trainer.model.state_dict(), out_dir / "personalized_model.pt")
-    write_json(out_dir / "personalized.json", {**detail, "metrics": metrics})
+    write_site_outputs(out_dir, state_dict=trainer.model.state_dict(),
+                       overlays={"image": data.test.images[idx, 0], "label": data.test.labels[idx, 0],
+                                 "pred": trainer.predict(data.test.images[idx]).numpy()[:, 0]},
+                       detail={**detail, "metrics": metrics}, key=key)
     return metrics
 
 
@@ -143,16 +140,14 @@ def pool_sites(sites: Sequence[SiteData]) -> SiteData:
 
 
 def personalize_pooled(trainer: LocalTrainer, sites: Sequence[SiteData], unseen: Optional[SliceSet], out_dir: Path,
-                       config: TrainConfig) -> dict:
+                       config: TrainConfig, key: Optional[bytes] = None) -> dict:
     """Centralized reference: every site fine-tunes its own copy of the pooled model on its own splits (the same
     fine-tuning budget as every method); results per site under ``out_dir/<site>``. Returns flat metrics
     (``test_dice/<site>``, ..., and their means)."""
     metrics: dict = {}
     for data in sites:
         site_trainer = LocalTrainer(copy.deepcopy(trainer.model), trainer.method, data.train, data.val, config)
-        folder = out_dir / data.name
-        folder.mkdir(parents=True, exist_ok=True)
-        site_metrics = personalize(site_trainer, data, unseen, folder)
+        site_metrics = personalize(site_trainer, data, unseen, make_private_dir(out_dir / data.name), key)
         metrics.update({f"{k}/{data.name}": v for k, v in site_metrics.items() if k != "organ"})
     for key in ("test_dice", "test_hd95", "val_dice"):
         metrics[key] = float(np.mean([metrics[f"{key}/{d.name}"] for d in sites]))
@@ -211,7 +206,7 @@ def _site_privacy(args: argparse.Namespace, site: str, site_policy: Optional[Upd
 
         context = load_context(find_context_file("client", os.getcwd()))
     update_dp = stricter(_job_update_dp(args), site_policy)
-    return SitePrivacy(he_context=context, update_dp=update_dp, seed=args.seed * 7919 + zlib.crc32(site.encode()))
+    return SitePrivacy(he_context=context, update_dp=update_dp)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -224,6 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     flare.init()
     site = flare.get_site_name()
+    at_rest_key = find_site_key(os.getcwd())  # a bad key file fails here, before any training
     pooled = [s for s in args.pool_sites.split(",") if s]
     if pooled:  # the centralized reference: this one process reads every site's data
         if not args.data_root:
@@ -264,9 +260,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             method.receive_statistics(trainer.model, statistics)
         if flare.get_task_name() == PERSONALIZE_TASK:
             if sites:
-                metrics = personalize_pooled(trainer, sites, unseen, out_dir, config)
+                metrics = personalize_pooled(trainer, sites, unseen, out_dir, config, at_rest_key)
             else:
-                metrics = personalize(trainer, data, unseen, out_dir)
+                metrics = personalize(trainer, data, unseen, out_dir, at_rest_key)
             flare.send(FLModel(params={}, metrics=metrics))
             continue
         stats = trainer.train_round()
@@ -282,23 +278,34 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         payload, privacy_metrics = privacy.outgoing(trainer.shared_params(), global_shared, weight)
         meta = {"NUM_STEPS_CURRENT_ROUND": stats["steps"], NUM_SAMPLES_KEY: stats["n_samples"],
                 AGGREGATION_WEIGHT_KEY: weight}
-        stamp = privacy.stamp()
+        dp_sgd_stats = stats.get("privacy", {})
+        stamp = privacy.stamp(_dp_sgd_release(dp_sgd_stats))
         if payload and stamp is not None:  # what the released update went through (checked by the site's policy)
             meta[DP_STAMP_KEY] = stamp
         site_statistics = method.site_statistics(data.train)
         if site_statistics is not None:
             meta[SITE_STATISTICS_KEY] = site_statistics
+        metrics = {"train_loss": stats["train_loss"], "val_dice": val["dice"], "test_dice": test["dice"],
+                   "test_hd95": test["hd95"], "images_per_s": stats["images_per_s"],
+                   "train_seconds": stats["train_seconds"], **per_site}
+        private = privacy.private or trainer.dp is not None
         flare.send(
             FLModel(
                 params=payload,
                 params_type=ParamsType.FULL,
-                metrics={"train_loss": stats["train_loss"], "val_dice": val["dice"],
-                         "test_dice": test["dice"], "test_hd95": test["hd95"],
-                         "images_per_s": stats["images_per_s"], "train_seconds": stats["train_seconds"],
-                         **per_site, **stats.get("privacy", {}), **privacy_metrics},
+                metrics={**public_metrics(metrics, private), **dp_sgd_stats, **privacy_metrics},
                 meta=meta,
             )
         )
+
+
+def _dp_sgd_release(stats: dict) -> Optional[dict]:
+    """The DP-SGD steps of the round, as the site's privacy ledger charges them (None without DP-SGD)."""
+    if "dp_sgd_round_steps" not in stats:
+        return None
+    return {"noise_multiplier": float(stats["dp_sgd_noise_multiplier"]),
+            "sample_rate": float(stats["dp_sgd_sample_rate"]), "steps": int(stats["dp_sgd_round_steps"]),
+            "unit": str(stats.get("dp_sgd_unit", "slice"))}
 
 
 if __name__ == "__main__":

@@ -20,11 +20,32 @@ import torch
 
 from fedoap.privacy.dp import UpdateDPAccountant, UpdateDPConfig, clip_and_noise
 
-__all__ = ["SitePrivacy", "DP_STAMP_KEY", "stricter"]
+__all__ = ["SitePrivacy", "DP_STAMP_KEY", "stricter", "public_metrics", "TRAINING_DATA_METRICS", "PUBLIC_DECIMALS"]
 
 #: result meta key: the client-level DP actually applied to the released update ({"clip_norm", "noise_multiplier",
 #: "delta"}), checked by the site's privacy policy filter
 DP_STAMP_KEY = "fedoap_update_dp"
+
+
+#: metrics computed on the training data, which no DP accountant covers: never sent when DP is on
+TRAINING_DATA_METRICS = frozenset({"train_loss"})
+#: decimals kept of every other metric when DP is on (held-out Dice and HD95, timings): enough to select a round,
+#: too coarse to single out an image of the validation or test split
+PUBLIC_DECIMALS = 2
+
+
+def public_metrics(metrics: Mapping[str, Any], private: bool) -> dict[str, Any]:
+    """The metrics a site sends in clear: all of them without DP; under DP (client-level or DP-SGD) without the
+    training-data ones (:data:`TRAINING_DATA_METRICS`) and with numbers rounded to :data:`PUBLIC_DECIMALS`."""
+    if not private:
+        return dict(metrics)
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if key in TRAINING_DATA_METRICS:
+            continue
+        out[key] = round(float(value), PUBLIC_DECIMALS) if isinstance(value, (int, float, np.floating)) \
+            and not isinstance(value, bool) and np.isfinite(value) else value
+    return out
 
 
 def stricter(*configs: Optional[UpdateDPConfig]) -> Optional[UpdateDPConfig]:
@@ -46,28 +67,42 @@ def _as_tensor(value: Any) -> torch.Tensor:
 class SitePrivacy:
     """The site's outgoing and incoming transforms of the shared parameters.
 
+    The update's noise is drawn from a cryptographic source keyed by the operating system for every release
+    (``fedoap.privacy.secure_random``), never from the job's seed: whoever sees the released update cannot regenerate
+    the noise. Neither the update's norm before clipping nor the clipping factor is reported: together with the
+    released update they would undo the clipping.
+
     Args:
         he_context: the site's TenSEAL client context (secret key), or None for no encryption.
         update_dp: clip-and-noise settings for the shared update, or None for no client-level DP.
-        seed: seed of the noise generator (distinct per site).
     """
 
-    def __init__(
-        self, he_context: Any = None, update_dp: Optional[UpdateDPConfig] = None, seed: int = 0
-    ) -> None:
+    def __init__(self, he_context: Any = None, update_dp: Optional[UpdateDPConfig] = None) -> None:
         self.he_context = he_context
         self.update_dp = update_dp
-        self.generator = torch.Generator().manual_seed(seed)
         self.accountant = UpdateDPAccountant(update_dp.noise_multiplier) if update_dp else None
 
-    def stamp(self) -> Optional[dict[str, float]]:
+    @property
+    def private(self) -> bool:
+        """Whether the released update is differentially private (client-level DP of the update)."""
+        return self.update_dp is not None
+
+    def stamp(self, dp_sgd: Optional[Mapping[str, Any]] = None) -> Optional[dict[str, Any]]:
         """What a released update went through (None without client-level DP): put in the result's meta under
-        :data:`DP_STAMP_KEY`."""
+        :data:`DP_STAMP_KEY`, where the site's policy filter checks it and charges the site's privacy ledger.
+
+        Args:
+            dp_sgd: the DP-SGD steps taken since the previous release (``noise_multiplier``, ``sample_rate``,
+                ``steps``, ``unit``), if DP-SGD is on.
+        """
         if self.update_dp is None:
             return None
         dp = self.update_dp
-        return {"clip_norm": float(dp.clip_norm), "noise_multiplier": float(dp.noise_multiplier),
-                "delta": float(dp.delta)}
+        stamp: dict[str, Any] = {"clip_norm": float(dp.clip_norm), "noise_multiplier": float(dp.noise_multiplier),
+                                 "delta": float(dp.delta), "releases": 1}
+        if dp_sgd:
+            stamp["dp_sgd"] = dict(dp_sgd)
+        return stamp
 
     def incoming(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """The global shared parameters in clear: decrypts the server's encrypted sum, passes plaintext through
@@ -103,12 +138,10 @@ class SitePrivacy:
             return payload, metrics
         if self.update_dp is not None:
             diff = {k: payload[k].double() - _as_tensor(global_shared[k]).double() for k in payload}
-            noised, stats = clip_and_noise(diff, self.update_dp.clip_norm, self.update_dp.noise_multiplier,
-                                           generator=self.generator)
+            noised, _ = clip_and_noise(diff, self.update_dp.clip_norm, self.update_dp.noise_multiplier)
             payload = {k: (_as_tensor(global_shared[k]).double() + noised[k].double()).float() for k in payload}
             self.accountant.step()
-            metrics.update({"dp_update_norm": stats["norm"], "dp_update_scale": stats["scale"],
-                            "dp_update_epsilon": self.accountant.epsilon(self.update_dp.delta),
+            metrics.update({"dp_update_epsilon": self.accountant.epsilon(self.update_dp.delta),
                             "dp_update_clip": float(self.update_dp.clip_norm),
                             "dp_update_noise": float(self.update_dp.noise_multiplier)})
         if self.he_context is not None:
