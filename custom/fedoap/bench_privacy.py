@@ -6,8 +6,16 @@ vector per tensor of the whole model, the context NVFlare's HEBuilder provisions
 scale 2^40): bytes, client encryption time, server time to combine ``n_sites`` updates, client decryption time.
 
 Part 2, local training images/s on one site's real (synthetic) data: the plain trainer, our DP-SGD trainer (Opacus
-hooks, Poisson sampling, per-image loss) and a textbook Opacus loop (``PrivacyEngine.make_private`` with a
-``DataLoader``) on the same network, data, batch size, optimizer and noise.
+hooks, Poisson sampling, per-image loss) with each of its two noise sources, and a textbook Opacus loop
+(``PrivacyEngine.make_private`` with a ``DataLoader``) on the same network, data, batch size, optimizer and noise.
+The two noise sources price the randomness nobody can regenerate: ``chacha20`` (the default: every step's noise from
+a ChaCha20 stream keyed by the OS, on the CPU) against ``os_seeded`` (``torch.normal`` from a torch generator the OS
+seeds at every epoch: the cost of the seeded generators of the first version, plus Opacus's four-normal sum).
+
+Part 3, the noise of one client-level release at FedOAP sizes (the CPU default's shared part, and
+``noise_values_large`` for the authors' full-size network): ``torch.randn`` from a seeded generator (the first
+version, which the server could regenerate) against :func:`~fedoap.privacy.secure_random.secure_normal`, and the
+whole ``clip_and_noise``.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import torch
 from fedoap.data import DEFAULT_SITES, generate_federation, load_site
 from fedoap.jsonio import write_json
 from fedoap.methods import get_method
-from fedoap.privacy.dp import DPSGDConfig, per_sample_loss
+from fedoap.privacy.dp import DPSGDConfig, clip_and_noise, per_sample_loss
 from fedoap.privacy.he import (
     HEConfig,
     add_encrypted,
@@ -36,6 +44,7 @@ from fedoap.privacy.he import (
     encrypt_update,
     to_params,
 )
+from fedoap.privacy.secure_random import secure_normal
 from fedoap.simulation import unet_model_args
 from fedoap.training import LocalTrainer, TrainConfig
 
@@ -58,6 +67,7 @@ class PrivacyBenchConfig:
     dp_max_grad_norm: float = 1.0
     seed: int = 0
     threads: int = 0
+    noise_values_large: int = 34_000_000  # about the authors' full-size FedOAP network
 
     def model_args(self) -> dict[str, Any]:
         return unet_model_args(self.width)
@@ -131,11 +141,20 @@ def _dp_rows(cfg: PrivacyBenchConfig, data_root: Path) -> dict[str, Any]:
         torch.manual_seed(cfg.seed)
         return LocalTrainer(method.build_model(cfg.model_args()), method, data.train, data.val, train_cfg, dp=dp)
 
+    def dp_rate(noise_source: str) -> tuple[float, LocalTrainer]:
+        """Images trained on per second (what Poisson sampling drew), timed as the trainer reports them."""
+        dp_cfg = DPSGDConfig(max_grad_norm=cfg.dp_max_grad_norm, noise_multiplier=cfg.dp_noise_multiplier,
+                             noise_source=noise_source)
+        site = trainer(dp_cfg)
+        site.train_round()  # warm-up
+        rounds = [site.train_round() for _ in range(cfg.epochs)]
+        images = sum(r["images_per_s"] * r["train_seconds"] for r in rounds)
+        return images / sum(r["train_seconds"] for r in rounds), site
+
     plain = trainer(None)
     plain_rate = _images_per_s(plain.train_round, n, cfg.epochs)
-    dp_cfg = DPSGDConfig(max_grad_norm=cfg.dp_max_grad_norm, noise_multiplier=cfg.dp_noise_multiplier)
-    ours = trainer(dp_cfg)
-    ours_rate = _images_per_s(ours.train_round, n, cfg.epochs)
+    ours_rate, ours = dp_rate("chacha20")
+    os_seeded_rate, _ = dp_rate("os_seeded")
 
     torch.manual_seed(cfg.seed)
     model = method.build_model(cfg.model_args())
@@ -162,12 +181,34 @@ def _dp_rows(cfg: PrivacyBenchConfig, data_root: Path) -> dict[str, Any]:
         "site": cfg.site,
         "n_train_images": n,
         "plain_images_per_s": plain_rate,
+        "n_parameters": sum(p.numel() for p in ours.model.parameters()),
         "dp_sgd_ours_images_per_s": ours_rate,
+        "dp_sgd_os_seeded_noise_images_per_s": os_seeded_rate,
         "dp_sgd_opacus_loop_images_per_s": opacus_rate,
         "ours_over_plain": ours_rate / plain_rate,
         "ours_over_opacus_loop": ours_rate / opacus_rate,
+        "secure_noise_over_os_seeded": ours_rate / os_seeded_rate,
         "epsilon_after_bench_ours": ours.dp.epsilon(),
     }
+
+
+def _noise_rows(cfg: PrivacyBenchConfig) -> list[dict[str, Any]]:
+    """Seconds to noise one client-level release: a seeded ``torch.randn`` against ``secure_normal``, side by side."""
+    method = get_method("fedoap")
+    model = method.build_model(cfg.model_args())
+    shared = sum(v.numel() for k, v in model.state_dict().items() if k in set(method.shared_keys(model)))
+    secure_normal((1000,), 1.0)  # warm-up of the cipher's backend
+    rows = []
+    for n in (shared, cfg.noise_values_large):
+        generator = torch.Generator().manual_seed(cfg.seed)
+        _, randn_s = _timed(lambda: torch.randn(n, generator=generator))
+        _, secure_s = _timed(lambda: secure_normal((n,), 1.0))
+        update = {"shared": torch.full((n,), 1e-3)}
+        _, clip_s = _timed(lambda: clip_and_noise(update, clip_norm=1.0, noise_multiplier=1.0))
+        rows.append({"values": n, "seeded_torch_randn_s": randn_s, "secure_normal_s": secure_s,
+                     "secure_over_randn": secure_s / randn_s, "clip_and_noise_s": clip_s,
+                     "secure_normal_ns_per_value": 1e9 * secure_s / n})
+    return rows
 
 
 def bench_privacy(cfg: PrivacyBenchConfig) -> dict[str, Any]:
@@ -175,6 +216,7 @@ def bench_privacy(cfg: PrivacyBenchConfig) -> dict[str, Any]:
     threads = cfg.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", message="Full backward hook")  # Opacus's hooks on an input without grad
+    warnings.filterwarnings("ignore", message="Secure RNG turned off")  # the textbook Opacus loop's, as expected
     out = Path(cfg.out).resolve()
     data_root = out / "data"
     if not (data_root / cfg.site / "dataset.json").is_file():
@@ -182,8 +224,10 @@ def bench_privacy(cfg: PrivacyBenchConfig) -> dict[str, Any]:
 
     he = _he_rows(cfg)
     dp = _dp_rows(cfg, data_root)
+    noise = _noise_rows(cfg)
     record = {"benchmark": "privacy", "cpu": platform.processor() or platform.machine(), "torch_threads": threads,
-              "config": asdict(cfg), "he_one_round_per_site": he, "dp_sgd_training": dp}
+              "config": asdict(cfg), "he_one_round_per_site": he, "dp_sgd_training": dp,
+              "update_noise_seconds": noise}
     write_json(out / "bench_privacy.json", record)
 
     mb = 1e6
@@ -203,5 +247,16 @@ def bench_privacy(cfg: PrivacyBenchConfig) -> dict[str, Any]:
     print(f"plain {dp['plain_images_per_s']:.1f} | ours (DP-SGD) {dp['dp_sgd_ours_images_per_s']:.1f} | "
           f"plain Opacus loop {dp['dp_sgd_opacus_loop_images_per_s']:.1f} | ours/plain {dp['ours_over_plain']:.2f} "
           f"| ours/Opacus {dp['ours_over_opacus_loop']:.2f}")
+    print(f"noise source ({dp['n_parameters']:,} parameters): chacha20 (default) "
+          f"{dp['dp_sgd_ours_images_per_s']:.1f} | os_seeded torch generator "
+          f"{dp['dp_sgd_os_seeded_noise_images_per_s']:.1f} | "
+          f"chacha20/os_seeded {dp['secure_noise_over_os_seeded']:.2f}")
+    print("\nNoise of one client-level release (seconds)")
+    header = f"{'values':>12} {'seeded randn':>13} {'secure_normal':>14} {'x slower':>9} {'clip_and_noise':>15}"
+    print(header)
+    print("-" * len(header))
+    for r in noise:
+        print(f"{r['values']:>12,} {r['seeded_torch_randn_s']:>13.3f} {r['secure_normal_s']:>14.3f} "
+              f"{r['secure_over_randn']:>9.1f} {r['clip_and_noise_s']:>15.3f}")
     print(f"[fedoap] wrote {out / 'bench_privacy.json'}")
     return record

@@ -76,7 +76,9 @@ class LocalTrainer:
         method: the federated method (which keys are shared, which losses train and fine-tune).
         train: training split; val: validation split (used for model selection during fine-tuning).
         config: optimization settings.
-        dp: sample-level DP-SGD settings, or None for none.
+        dp: sample-level DP-SGD settings, or None for none. Its sampling and noise never come from ``config.seed``
+            (see :class:`~fedoap.privacy.dp.DPSGD`): a DP-SGD run is not reproducible, by design; everything else
+            (initialization, shuffling without DP, augmentation) is.
 
     Raises:
         ValueError: an empty training split, a method whose ``weight_by`` is unknown, or DP-SGD with a method that
@@ -115,9 +117,9 @@ class LocalTrainer:
         self.optimizer = method.make_round_optimizer(self.model.parameters(), config.lr, config.weight_decay)
         self.dp: Optional[DPSGD] = None
         if dp is not None:  # one privacy engine for the whole job: epsilon composes over the rounds
-            self.dp = DPSGD(dp, n_train=len(train), batch_size=config.batch_size)
+            self.dp = DPSGD(dp, n_train=len(train), batch_size=config.batch_size, case_ids=train.case_ids)
             self.loss_fn = per_sample_loss(self.loss_fn)
-            self.model, self.optimizer = self.dp.make_private(self.model, self.optimizer, generator=self.generator)
+            self.model, self.optimizer = self.dp.make_private(self.model, self.optimizer)
 
     def _finetune_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
@@ -153,7 +155,8 @@ class LocalTrainer:
 
     # -- training ----------------------------------------------------------------------------------------------------
     def _index_batches(self, optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
-        """Shuffled minibatches; under DP-SGD, Poisson-sampled ones at the rate the accountant was told."""
+        """Shuffled minibatches from the seeded generator; under DP-SGD, Poisson-sampled ones (slices or cases) from
+        the OS's randomness, at the rate the accountant was told."""
         if self.dp is not None and isinstance(optimizer, DPOptimizer):
             return self.dp.batches(optimizer)
         n, b = len(self.train_set), self.config.batch_size
@@ -162,20 +165,24 @@ class LocalTrainer:
 
     @property
     def steps_per_round(self) -> int:
-        """Optimizer steps of one federated round (expected number under DP-SGD's Poisson sampling)."""
+        """Optimizer steps of one federated round (under DP-SGD: its Poisson draws per epoch, over slices or cases;
+        the draws that come out empty are noise-only steps the trainer does not see)."""
+        if self.dp is not None:
+            return self.config.local_epochs * self.dp.steps_per_epoch
         return self.config.local_epochs * math.ceil(len(self.train_set) / self.config.batch_size)
 
     def _epoch(
         self, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, federated: bool = False, first_step: int = 0
-    ) -> tuple[float, int]:
-        """One pass over the training split. ``federated``: a pass of the federated rounds, where the method computes
-        the step's loss (``step_loss``), its regularizer is added to it, its step scale (from the batch's labels)
-        goes to the step and ``begin_step`` is called before every step (``first_step``: the round's step index of
-        this epoch's first step); otherwise a pass of the fine-tuning, whose step loss is ``finetune_step_loss``."""
+    ) -> tuple[float, int, int]:
+        """One pass over the training split; returns the mean loss, the steps and the images trained on.
+        ``federated``: a pass of the federated rounds, where the method computes the step's loss (``step_loss``), its
+        regularizer is added to it, its step scale (from the batch's labels) goes to the step and ``begin_step`` is
+        called before every step (``first_step``: the round's step index of this epoch's first step); otherwise a
+        pass of the fine-tuning, whose step loss is ``finetune_step_loss``."""
         self.model.train()
         regularize = federated and self.method.has_regularizer
         scale_steps = federated and self.method.has_step_scale
-        total, steps = 0.0, 0
+        total, steps, images_seen = 0.0, 0, 0
         for idx in self._index_batches(optimizer):
             images, labels = self._train_images[idx], self._train_labels[idx]
             if self.config.augment:
@@ -200,23 +207,39 @@ class LocalTrainer:
                 optimizer.step(scale=scale)
             total += float(loss.detach())
             steps += 1
-        return total / max(steps, 1), steps
+            images_seen += len(idx)
+        return total / max(steps, 1), steps, images_seen
 
     def train_round(self) -> dict[str, float]:
         """``local_epochs`` epochs with the method's training loss plus its regularizer (and its step scale); returns
         loss (regularizer included), steps, samples, the aggregation weight the site reports with its update
-        (``aggregation_weight``: samples or steps, as the method's ``weight_by`` says) and images/s."""
+        (``aggregation_weight``: samples or steps, as the method's ``weight_by`` says) and images/s (images trained
+        on: under DP-SGD, what Poisson sampling drew).
+
+        Under DP-SGD also ``"privacy"``, what the site's budget ledger and a reader need:
+
+        * ``dp_sgd_epsilon`` (at ``dp_sgd_delta``, the whole job so far, per DP record) and ``dp_sgd_unit``
+          (``"slice"`` or ``"case"``);
+        * ``dp_sgd_epsilon_per_case``: the epsilon that protects a patient, with ``max_slices_per_case``, the
+          group size it is computed for (equal to ``dp_sgd_epsilon`` with unit ``"case"``);
+        * ``dp_sgd_round_steps`` (the DP-SGD steps of this round, noise-only ones included), ``dp_sgd_steps`` (all
+          rounds), ``dp_sgd_noise_multiplier`` and ``dp_sgd_sample_rate`` (per unit): one round's sampled Gaussian
+          mechanisms, enough to compose it in a ledger.
+
+        ``max_slices_per_case`` and the per-case epsilon (a function of it) describe the training data: whoever sends
+        them in clear reveals the largest case's slice count."""
         start = time.perf_counter()
-        losses, steps = [], 0
+        steps_before = self.dp.steps if self.dp is not None else 0
+        losses, steps, images = [], 0, 0
         for _ in range(self.config.local_epochs):
-            loss, s = self._epoch(self.loss_fn, self.optimizer, federated=True, first_step=steps)
+            loss, s, seen = self._epoch(self.loss_fn, self.optimizer, federated=True, first_step=steps)
             losses.append(loss)
             steps += s
+            images += seen
         self.method.end_round(self.model)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        images = len(self.train_set) * self.config.local_epochs
         stats = {
             "train_loss": float(np.mean(losses)),
             "steps": steps,
@@ -226,8 +249,17 @@ class LocalTrainer:
             "images_per_s": images / seconds if seconds > 0 else float("nan"),
         }
         if self.dp is not None:
-            stats["privacy"] = {"dp_sgd_epsilon": self.dp.epsilon(), "dp_sgd_steps": self.dp.steps,
-                                "dp_sgd_noise_multiplier": self.dp.noise_multiplier}
+            stats["privacy"] = {
+                "dp_sgd_epsilon": self.dp.epsilon(),
+                "dp_sgd_delta": float(self.dp.config.delta),
+                "dp_sgd_unit": self.dp.unit,
+                "dp_sgd_epsilon_per_case": self.dp.case_epsilon(),
+                "max_slices_per_case": self.dp.max_slices_per_case,
+                "dp_sgd_round_steps": self.dp.steps - steps_before,
+                "dp_sgd_steps": self.dp.steps,
+                "dp_sgd_noise_multiplier": self.dp.noise_multiplier,
+                "dp_sgd_sample_rate": self.dp.sample_rate,
+            }
         return stats
 
     def finetune(self) -> dict[str, object]:
