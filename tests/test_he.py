@@ -306,3 +306,36 @@ def test_to_params_from_params_round_trip(client_ctx, server_ctx):
     ]:
         with pytest.raises(ValueError, match=reason):
             from_params(broken)
+
+
+def test_sites_read_contexts_from_local_never_from_the_provisioners_startup(tmp_path, monkeypatch):
+    from fedoap.cli import main as fedoap_main
+    from fedoap.privacy.contexts import HE_CONTEXT_DIR_ENV, find_context_file, local_context_path
+
+    monkeypatch.delenv(HE_CONTEXT_DIR_ENV, raising=False)
+    site = tmp_path / "brain"
+    write_contexts(site / "startup")  # what NVFlare's HEBuilder left: a key the provisioner made, and holds
+    with pytest.raises(FileNotFoundError, match=r"fedoap he-keys join SITE_KIT.*startup/client_context\.tenseal is "
+                                                r"ignored: it was made by whoever provisioned"):
+        find_context_file("client", site)
+    with pytest.raises(FileNotFoundError, match="fedoap he-keys install-public SERVER_KIT"):
+        find_context_file("server", site)
+
+    # a simulation: `fedoap he-keys DIR` (the old form) and `fedoap he-keys simulation DIR`, read through the variable
+    assert fedoap_main(["he-keys", str(tmp_path / "sim")]) == 0
+    assert fedoap_main(["he-keys", "simulation", str(tmp_path / "sim2")]) == 0
+    monkeypatch.setenv(HE_CONTEXT_DIR_ENV, str(tmp_path / "sim"))
+    assert find_context_file("client", site) == tmp_path / "sim" / CLIENT_CONTEXT_FILE
+    assert find_context_file("server", site) == tmp_path / "sim" / SERVER_CONTEXT_FILE
+    assert load_context(tmp_path / "sim2" / CLIENT_CONTEXT_FILE).has_secret_key()
+
+    # the site's own local/ comes first; a secret others may read is refused
+    local = local_context_path("client", site)
+    assert local == site / "local" / CLIENT_CONTEXT_FILE
+    write_contexts(site / "local")
+    assert find_context_file("client", site) == local
+    local.chmod(0o640)
+    with pytest.raises(ValueError, match=f"{local} holds the HE secret key but other users may read it"):
+        find_context_file("client", site)
+    with pytest.raises(ValueError, match="role must be"):
+        find_context_file("admin", site)

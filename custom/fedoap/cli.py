@@ -6,9 +6,13 @@
     fedoap bench train [--out DIR]                                              images/s in the federation vs a plain loop
     fedoap bench privacy [--out DIR]                                            HE bytes/time and DP-SGD images/s
     fedoap bench scale [--sites 30] [--out DIR]                                 30 sites: s/round, peak memory
-    fedoap he-keys DIR                                                          TenSEAL contexts for a simulation
+    fedoap he-keys init SITE_KIT --bundle B --public P [--passphrase-file F]     HE key ceremony: one site makes the key
+    fedoap he-keys join SITE_KIT --bundle B [--passphrase-file F]                ... every other site imports it
+    fedoap he-keys install-public SERVER_KIT --public P                         ... the server gets the public context
+    fedoap he-keys simulation DIR  (or: fedoap he-keys DIR)                     TenSEAL contexts for a simulation
     fedoap export-jobs [--out jobs] [--byoc]                                    regenerate the NVFlare jobs in jobs/
-    fedoap poc-configure [WORKSPACE] --data DIR [--unseen lung]                 site policies + data into a POC
+    fedoap poc-configure [WORKSPACE] --data DIR [--unseen lung]                 site policies, data, HE keys into a POC
+    fedoap site-configure SITE_KIT --data DIR [--unseen DIR]                    one provisioned site's policies and keys
 """
 
 from __future__ import annotations
@@ -16,13 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from fedoap.benchmark import ABLATIONS, PRESETS
 from fedoap.methods import METHODS
+from fedoap.privacy.he_keys import MIN_PASSPHRASE_CHARS, PASSPHRASE_ENV
 from fedoap.simulation import DEFAULT_CLIENTS, DEFAULT_UNSEEN, SimulationConfig
 
 __all__ = ["main", "build_parser"]
+
+
+_HE_KEYS_ACTIONS = ("init", "join", "install-public", "simulation")
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -89,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     privacy.add_argument("--dp-sgd-epsilon", type=float, default=0.0,
                          help="sample-level DP-SGD calibrated to this target epsilon over the whole run (0: off)")
     privacy.add_argument("--dp-sgd-clip", type=float, default=1.0, help="DP-SGD per-sample gradient norm bound")
+    privacy.add_argument("--dp-sgd-unit", choices=("slice", "case"), default="slice",
+                         help="what DP-SGD protects: one slice (per-slice sampling and clipping; the per-case epsilon "
+                              "is reported by group privacy) or one case, i.e. patient (cases sampled, one slice each)")
+    privacy.add_argument("--dp-sgd-noise-source", choices=("chacha20", "os_seeded"), default="chacha20",
+                         help="DP-SGD gradient noise: a ChaCha20 stream keyed by the OS (default) or torch's "
+                              "generator seeded from the OS every epoch (faster, e.g. on a GPU)")
     privacy.add_argument("--dp-delta", type=float, default=1e-5, help="delta at which epsilon is reported")
 
     jobs = sub.add_parser("export-jobs", help="export the project's NVFlare jobs (FedOAP plain/DP/HE, FedAvg, FedBN, "
@@ -113,11 +127,49 @@ def build_parser() -> argparse.ArgumentParser:
     poc.add_argument("--data", required=True, help="folder with one MSD-layout sub-folder per client site name")
     poc.add_argument("--unseen", default=None, help="sub-folder of --data with the unseen organ (e.g. lung)")
     poc.add_argument("--policies", default=None,
-                     help="folder with privacy.json and resources.json (default: the project's poc_workspace/local)")
+                     help="folder with privacy.json, resources.json and authorization.json (default: the project's "
+                          "poc_workspace/local)")
 
-    keys = sub.add_parser("he-keys", help="write TenSEAL contexts for a simulated federation (server: no secret key)")
-    keys.add_argument("out")
-    keys.add_argument("--overwrite", action="store_true")
+    site = sub.add_parser("site-configure", help="a provisioned client site: install the project's privacy policies, "
+                                                 "class allow-list, authorization, its data location and an at-rest "
+                                                 "key into its startup kit's local/ (before starting the site)")
+    site.add_argument("kit", help="the site's startup kit (the folder holding startup/ and local/)")
+    site.add_argument("--data", required=True, help="the site's MSD-layout data folder")
+    site.add_argument("--unseen", default=None, help="MSD-layout folder of the unseen organ (optional)")
+    site.add_argument("--policies", default=None, help="folder with privacy.json, resources.json and "
+                                                       "authorization.json (default: the project's poc_workspace/local)")
+
+    keys = sub.add_parser("he-keys", help="HE key ceremony run by the sites (init, join, install-public), so no "
+                                          "coordinator holds the secret key; or contexts for a simulation")
+    key_sub = keys.add_subparsers(dest="he_keys", required=True, metavar="{" + ",".join(_HE_KEYS_ACTIONS) + "}")
+    k_init = key_sub.add_parser("init", help="one client site: make the CKKS key, keep the secret context in "
+                                             "SITE_KIT/local/ (0600), write the public context for the server and "
+                                             "the bundle for the other sites, sealed under the shared passphrase")
+    k_init.add_argument("site_kit", help="this site's startup kit (the folder holding startup/ and local/)")
+    k_init.add_argument("--bundle", required=True, help="where to write the sealed secret context (send it to the "
+                                                        "other sites; useless without the passphrase)")
+    k_init.add_argument("--public", required=True, help="where to write the public context (no secret key; send it "
+                                                        "to the server admin)")
+    k_join = key_sub.add_parser("join", help="every other client site: import the secret context from the bundle "
+                                             "into SITE_KIT/local/ (0600)")
+    k_join.add_argument("site_kit", help="this site's startup kit (the folder holding startup/ and local/)")
+    k_join.add_argument("--bundle", required=True, help="the bundle 'fedoap he-keys init' wrote")
+    for k in (k_init, k_join):
+        k.add_argument("--passphrase-file", default=None,
+                       help=f"file holding the passphrase the site admins shared out of band, at least "
+                            f"{MIN_PASSPHRASE_CHARS} characters, mode 0600 (default: ${PASSPHRASE_ENV})")
+        k.add_argument("--passphrase", nargs="?", const="", default=None, dest="passphrase_argument",
+                       help=argparse.SUPPRESS)  # only to refuse it with a reason
+    k_pub = key_sub.add_parser("install-public", help="the server admin: install the public context into "
+                                                      "SERVER_KIT/local/ (refused if it holds a secret key)")
+    k_pub.add_argument("server_kit", help="the server's startup kit (the folder holding startup/ and local/)")
+    k_pub.add_argument("--public", required=True, help="the public context 'fedoap he-keys init' wrote")
+    k_sim = key_sub.add_parser("simulation", help="both contexts into DIR for a simulated federation "
+                                                  "(FEDOAP_HE_CONTEXT_DIR=DIR); never for a deployment")
+    k_sim.add_argument("out")
+    for k in (k_init, k_join, k_pub, k_sim):
+        k.add_argument("--overwrite", action="store_true", help="replace existing key files (a new key: every site "
+                                                                "and the server must get it again)")
 
     gen = sub.add_parser("generate-data", help="write the synthetic multi-organ federation (MSD layout)")
     gen.add_argument("out")
@@ -189,9 +241,9 @@ def _config(args: argparse.Namespace, **extra) -> SimulationConfig:
     )
 
 
-def _dp_options(args: argparse.Namespace) -> dict[str, float]:
+def _dp_options(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe's dp options that the command line switched on."""
-    options: dict[str, float] = {}
+    options: dict[str, Any] = {}
     if args.dp_update_clip > 0:
         options.update(dp_update_clip=args.dp_update_clip, dp_update_noise=args.dp_update_noise)
     if args.dp_sgd_noise > 0 and args.dp_sgd_epsilon > 0:
@@ -200,12 +252,57 @@ def _dp_options(args: argparse.Namespace) -> dict[str, float]:
         options.update(dp_sgd_noise=args.dp_sgd_noise, dp_sgd_clip=args.dp_sgd_clip)
     if args.dp_sgd_epsilon > 0:
         options.update(dp_sgd_epsilon=args.dp_sgd_epsilon, dp_sgd_clip=args.dp_sgd_clip)
+    if "dp_sgd_clip" in options:
+        options.update(dp_sgd_unit=args.dp_sgd_unit, dp_sgd_noise_source=args.dp_sgd_noise_source)
     if options:
         options["dp_delta"] = args.dp_delta
     return options
 
 
+def _he_keys_compat(argv: list[str]) -> list[str]:
+    """``fedoap he-keys DIR`` (the simulation command before the key ceremony) means ``he-keys simulation DIR``."""
+    rest = argv[1:]
+    if argv[:1] == ["he-keys"] and rest and not set(rest) & {*_HE_KEYS_ACTIONS, "-h", "--help"}:
+        return ["he-keys", "simulation", *rest]
+    return argv
+
+
+def _he_keys(args: argparse.Namespace) -> None:
+    """The ``he-keys`` sub-commands; what each printed line says is what its admin does next."""
+    from fedoap.privacy import he_keys
+
+    action = args.he_keys
+    if action == "simulation":
+        from fedoap.privacy.he import write_contexts
+
+        server, client = write_contexts(args.out, overwrite=args.overwrite)
+        print(f"server context (no secret key): {server}\nclient context (secret key): {client}\n"
+              f"for a simulated federation: export FEDOAP_HE_CONTEXT_DIR={args.out}")
+        return
+    if action == "install-public":
+        path = he_keys.install_public(args.server_kit, args.public, overwrite=args.overwrite)
+        print(f"public context (no secret key) installed: {path}")
+        return
+    if args.passphrase_argument is not None:
+        raise ValueError("--passphrase: a passphrase on the command line is visible to every user of this machine "
+                         f"(ps, /proc) and stays in the shell history; put it in a file only you can read "
+                         f"(--passphrase-file FILE) or in ${he_keys.PASSPHRASE_ENV}")
+    passphrase = he_keys.read_passphrase(args.passphrase_file)
+    if action == "init":
+        made = he_keys.init_site(args.site_kit, args.bundle, args.public, passphrase, overwrite=args.overwrite)
+        print(f"secret context (stays at this site, 0600): {made.secret_context}\n"
+              f"key id: {made.key_id} (every joining site prints it: compare out of band)\n"
+              f"bundle for the other sites: {made.bundle}; each runs: fedoap he-keys join SITE_KIT --bundle "
+              f"{made.bundle.name} --passphrase-file FILE\n"
+              f"public context for the server: {made.public_context}; the server admin runs: fedoap he-keys "
+              f"install-public SERVER_KIT --public {made.public_context.name}")
+    else:
+        path, key = he_keys.join_site(args.site_kit, args.bundle, passphrase, overwrite=args.overwrite)
+        print(f"secret context (0600): {path}\nkey id: {key} (must equal the one the initiating site printed)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = _he_keys_compat(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     from fedoap.data import DataValidationError
     from fedoap.simulation import SimulationError
@@ -248,12 +345,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             written = configure_poc(workspace, args.data, args.unseen, args.policies or POLICY_DIR)
             print(json.dumps(written, indent=2))
             print("sites read these files when they start: run 'nvflare poc start' now (or restart the POC)")
-        elif args.command == "he-keys":
-            from fedoap.privacy.he import write_contexts
+        elif args.command == "site-configure":
+            from fedoap.fl.poc_setup import POLICY_DIR, configure_site
 
-            server, client = write_contexts(args.out, overwrite=args.overwrite)
-            print(f"server context (no secret key): {server}\nclient context (secret key): {client}\n"
-                  f"for a simulated federation: export FEDOAP_HE_CONTEXT_DIR={args.out}")
+            print(json.dumps(configure_site(args.kit, args.data, args.unseen, args.policies or POLICY_DIR), indent=2))
+        elif args.command == "he-keys":
+            _he_keys(args)
         elif args.command == "generate-data":
             from fedoap.data import generate_federation
 

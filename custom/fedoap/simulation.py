@@ -112,7 +112,7 @@ def _prepare_data(cfg: SimulationConfig, out: Path) -> tuple[Path, Optional[Path
 @contextlib.contextmanager
 def _he_context_dir(folder: Optional[Path]):
     """For a simulated federation: TenSEAL contexts in ``folder`` (created once), announced to every simulator
-    process through ``FEDOAP_HE_CONTEXT_DIR`` (provisioned sites read theirs from their startup kits instead)."""
+    process through ``FEDOAP_HE_CONTEXT_DIR`` (deployed sites read theirs from their own ``local/`` folder instead)."""
     if folder is None:
         yield
         return
@@ -135,14 +135,16 @@ def _he_context_dir(folder: Optional[Path]):
 def _privacy_summary(cfg: SimulationConfig, history: dict[str, Any]) -> dict[str, Any]:
     """What protected the shared updates, and the epsilon each site's accountant reported after every round."""
     summary: dict[str, Any] = {"he": cfg.he, "dp": dict(cfg.dp)}
-    for key in ("dp_update_epsilon", "dp_sgd_epsilon"):
+    for key in ("dp_update_epsilon", "dp_sgd_epsilon", "dp_sgd_epsilon_per_case"):
         per_site = {
             site: [r["sites"][site].get(key) for r in history["rounds"] if site in r["sites"]] for site in cfg.clients
         }
         if any(v is not None for values in per_site.values() for v in values):
             summary[f"{key}_per_round"] = per_site
-            # the federation's guarantee is the weakest site's
-            summary[f"{key}_federation"] = max(values[-1] for values in per_site.values() if values)
+            # the federation's guarantee is the weakest site's (None: no finite bound, e.g. a per-case epsilon of
+            # slice-level DP-SGD over cases with many slices)
+            last = [values[-1] for values in per_site.values() if values]
+            summary[f"{key}_federation"] = None if None in last else max(last)
     if cfg.dp:
         summary["delta"] = cfg.dp.get("dp_delta", 1e-5)
     return summary

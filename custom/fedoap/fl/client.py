@@ -36,7 +36,7 @@ from fedoap.data import SiteData, SliceSet, load_site, load_unseen
 from fedoap.eval.metrics import EMPTY_MASK_RULE, summarize
 from fedoap.fl.controller import AGGREGATION_WEIGHT_KEY, NUM_SAMPLES_KEY, PERSONALIZE_TASK, SITE_STATISTICS_KEY
 from fedoap.fl.site_config import find_site_config, load_site_config
-from fedoap.fl.site_policy import policy_from_meta
+from fedoap.fl.site_policy import budget_from_meta, policy_from_meta
 from fedoap.fl.site_outputs import write_site_outputs
 from fedoap.fl.site_privacy import DP_STAMP_KEY, SitePrivacy, public_metrics, stricter
 from fedoap.methods import get_method
@@ -72,12 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
     p.add_argument("--he", action="store_true", help="encrypt the shared update (TenSEAL CKKS; the context file is "
-                   "site configuration: <workspace>/startup/client_context.tenseal or $FEDOAP_HE_CONTEXT_DIR)")
+                   "site configuration: <workspace>/local/client_context.tenseal from the sites' key ceremony, or "
+                   "$FEDOAP_HE_CONTEXT_DIR in simulation)")
     p.add_argument("--dp-update-clip", type=float, default=0.0, help="client-level DP: L2 bound of the update (0: off)")
     p.add_argument("--dp-update-noise", type=float, default=0.0, help="client-level DP: noise multiplier sigma")
     p.add_argument("--dp-sgd-noise", type=float, default=0.0, help="DP-SGD noise multiplier (0: off)")
     p.add_argument("--dp-sgd-epsilon", type=float, default=0.0, help="DP-SGD target epsilon over the job (0: off)")
     p.add_argument("--dp-sgd-clip", type=float, default=1.0, help="DP-SGD per-sample gradient norm bound")
+    p.add_argument("--dp-sgd-unit", choices=("slice", "case"), default="slice", help="what DP-SGD protects")
+    p.add_argument("--dp-sgd-noise-source", choices=("chacha20", "os_seeded"), default="chacha20",
+                   help="DP-SGD gradient noise source (both keyed by the OS, never by the job)")
     p.add_argument("--dp-delta", type=float, default=1e-5, help="delta at which epsilon is reported")
     p.add_argument("--rounds", type=int, default=1, help="federated rounds of the job (DP-SGD calibration)")
     return p
@@ -160,6 +164,8 @@ def _dp_sgd(args: argparse.Namespace) -> Optional[DPSGDConfig]:
         return None
     return DPSGDConfig(
         max_grad_norm=args.dp_sgd_clip,
+        unit=args.dp_sgd_unit,
+        noise_source=args.dp_sgd_noise_source,
         noise_multiplier=args.dp_sgd_noise if args.dp_sgd_noise > 0 else None,
         target_epsilon=args.dp_sgd_epsilon if args.dp_sgd_epsilon > 0 else None,
         delta=args.dp_delta,
@@ -263,7 +269,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 metrics = personalize_pooled(trainer, sites, unseen, out_dir, config, at_rest_key)
             else:
                 metrics = personalize(trainer, data, unseen, out_dir, at_rest_key)
-            flare.send(FLModel(params={}, metrics=metrics))
+            flare.send(FLModel(params={}, metrics=public_metrics(metrics, privacy.private or trainer.dp is not None)))
             continue
         stats = trainer.train_round()
         val = summarize(trainer.evaluate(data.val))
@@ -278,7 +284,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         payload, privacy_metrics = privacy.outgoing(trainer.shared_params(), global_shared, weight)
         meta = {"NUM_STEPS_CURRENT_ROUND": stats["steps"], NUM_SAMPLES_KEY: stats["n_samples"],
                 AGGREGATION_WEIGHT_KEY: weight}
-        dp_sgd_stats = stats.get("privacy", {})
+        # DP-SGD's accounting, without the largest case's slice count (a fact about the training data)
+        dp_sgd_stats = {k: v for k, v in stats.get("privacy", {}).items() if k != "max_slices_per_case"}
         stamp = privacy.stamp(_dp_sgd_release(dp_sgd_stats))
         if payload and stamp is not None:  # what the released update went through (checked by the site's policy)
             meta[DP_STAMP_KEY] = stamp
@@ -289,11 +296,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                    "test_hd95": test["hd95"], "images_per_s": stats["images_per_s"],
                    "train_seconds": stats["train_seconds"], **per_site}
         private = privacy.private or trainer.dp is not None
+        budget = budget_from_meta(task.meta) or {}  # the site's privacy ledger, before this round's release
+        budget_left = {f"dp_budget_left/{unit}": state["left"] for unit, state in budget.items()
+                       if isinstance(state, dict)}
         flare.send(
             FLModel(
                 params=payload,
                 params_type=ParamsType.FULL,
-                metrics={**public_metrics(metrics, private), **dp_sgd_stats, **privacy_metrics},
+                metrics={**public_metrics(metrics, private), **dp_sgd_stats, **privacy_metrics, **budget_left},
                 meta=meta,
             )
         )

@@ -119,7 +119,7 @@ class SharedParamsFedAvg(ModelController):
         personalize: after the last round, send ``personalize`` and collect each site's final metrics.
         he: sites send CKKS ciphertexts of their weighted shared parameters (by samples, or steps for FedGS; rule
             ``"weighted_mean"`` only); the server only adds them with its TenSEAL context (no secret key, found in
-            its startup kit or ``$FEDOAP_HE_CONTEXT_DIR``), broadcasts the encrypted sum and saves only ciphertext
+            its ``local/`` folder, from the sites' key ceremony, or ``$FEDOAP_HE_CONTEXT_DIR``), broadcasts the encrypted sum and saves only ciphertext
             for the shared part (``ENCRYPTED_CHECKPOINT``).
         task_timeout: seconds to wait for a round (0: no limit).
         persistor_id: id of the persistor component that holds the global checkpoint.

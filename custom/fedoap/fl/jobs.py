@@ -57,8 +57,8 @@ JOBS: dict[str, _Job] = {
                                 "of the shared update (clip 1.0, sigma 1.0)",
                       dp={"dp_sgd_noise": 1.0, "dp_sgd_clip": 1.0, "dp_update_clip": 1.0, "dp_update_noise": 1.0,
                           "dp_delta": 1e-5}),
-    "fedoap_he": _Job("fedoap", "FedOAP with homomorphic encryption of the shared update (TenSEAL CKKS; contexts "
-                                "from the provisioned startup kits)", he=True),
+    "fedoap_he": _Job("fedoap", "FedOAP with homomorphic encryption of the shared update (TenSEAL CKKS; each "
+                                "site's context from its own local/ folder: fedoap he-keys)", he=True),
     "fedavg": _Job("fedavg", "FedAvg baseline (every parameter shared), personalized by the same fine-tuning"),
     "fedbn": _Job("fedbn", "FedBN baseline (normalization layers stay local)"),
     "ditto": _Job("ditto", "Ditto baseline (personal model with a proximal term to the global one)"),

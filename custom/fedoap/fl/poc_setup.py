@@ -4,11 +4,18 @@
 each ``local/`` folder; NVFlare has no command that puts a site's own policies there. :func:`configure_poc` does, for
 every participant of the workspace's project:
 
-* each client site gets ``local/privacy.json`` (its privacy scopes, each with the mandatory DP filter),
-  ``local/resources.json`` (NVFlare's client resources with ``fedoap.`` on the class allow-list, so jobs that run the
-  installed package need no bring-your-own-code right) and ``local/fedoap_site.json`` (its data folder,
-  ``<data>/<site name>``, and the unseen organ's);
-* the server keeps its own resources (POC points their storage into the workspace) with the same class allow-list.
+* each client site gets what :func:`configure_site` installs into one site's kit (also the command for a provisioned
+  site, ``fedoap site-configure``): ``local/privacy.json`` (its privacy scopes, each with the mandatory DP filter and
+  a budget), ``local/resources.json`` (NVFlare's client resources with fedoap's exact classes on the class allow-list,
+  so jobs that run the installed package need no bring-your-own-code right, and fedoap's app validator, which refuses
+  jobs that try to run anything else), ``local/authorization.json`` (nobody may bring code), ``local/fedoap_site.json``
+  (its data folder, ``<data>/<site name>``, and the unseen organ's) and an AES-GCM key for what the site writes at
+  rest (``local/fedoap_at_rest.key``, 0600);
+* the server keeps its own resources (POC points their storage into the workspace) with the same class allow-list;
+* the HE keys: the project files have no ``HEBuilder`` (the coordinator who provisions holds no HE key), so
+  :func:`run_poc_key_ceremony` runs the sites' key ceremony (:mod:`fedoap.privacy.he_keys`) on their behalf, as they
+  all live on this machine: the first client site makes the key, the others join from the sealed bundle, the server
+  gets the public context. Every run makes a new key for every participant.
 
 Sites read these files when they start: configure before ``nvflare poc start`` (or restart the POC).
 """
@@ -17,19 +24,57 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
+import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import yaml
 
 from fedoap.fl.site_config import write_site_config
 
-__all__ = ["POLICY_DIR", "configure_poc", "find_prod_dir"]
+__all__ = ["POLICY_DIR", "SITE_POLICY_FILES", "configure_poc", "configure_site", "find_prod_dir",
+           "run_poc_key_ceremony"]
 
-#: the project's site policies: privacy.json and resources.json
+#: the project's site policies: privacy.json, resources.json and authorization.json
 POLICY_DIR = Path(__file__).resolve().parents[3] / "poc_workspace" / "local"
 _ALLOW_LIST_KEYS = ("class_allow_list", "class_list_enforcement_mode")
+#: the policy files a client site copies into its ``local/`` folder
+SITE_POLICY_FILES = ("privacy.json", "resources.json", "authorization.json")
+
+
+def configure_site(kit: str | os.PathLike, data_dir: str | os.PathLike, unseen_dir: Optional[str | os.PathLike] = None,
+                   policy_dir: str | os.PathLike = POLICY_DIR) -> dict[str, str]:
+    """Install a client site's own files into its startup kit's ``local/`` folder: the policies
+    (:data:`SITE_POLICY_FILES`), its data location and, unless it has one, its at-rest key.
+
+    Returns:
+        file kind -> path written.
+
+    Raises:
+        FileNotFoundError: ``kit`` is not a client site's kit (no ``startup/fed_client.json``) or a policy is missing.
+        fedoap.fl.site_config.SiteConfigError: a data folder does not exist.
+    """
+    from fedoap.privacy.at_rest import create_key, site_key_path
+
+    kit, policy_dir = Path(kit), Path(policy_dir)
+    if not (kit / "startup" / "fed_client.json").is_file():
+        raise FileNotFoundError(f"{kit} is not a client site's startup kit (no startup/fed_client.json)")
+    sources = [policy_dir / name for name in SITE_POLICY_FILES]
+    for path in sources:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found")
+    written = {}
+    for path in sources:
+        shutil.copyfile(path, kit / "local" / path.name)
+        written[path.stem] = str(kit / "local" / path.name)
+    written["site_config"] = str(write_site_config(kit, data_dir, unseen_dir))
+    key = site_key_path(kit)
+    if not key.exists():
+        create_key(key)
+    written["at_rest_key"] = str(key)
+    return written
 
 
 def find_prod_dir(workspace: str | os.PathLike) -> tuple[Path, dict]:
@@ -60,15 +105,44 @@ def _merge_allow_list(local: Path, allow: dict) -> Path:
     return current
 
 
+def run_poc_key_ceremony(prod: str | os.PathLike, clients: Sequence[str], server: str) -> dict[str, Path]:
+    """The sites' HE key ceremony for a POC, where every participant's kit is on this machine.
+
+    ``clients[0]`` runs ``init``, every other client ``join``s from the bundle, and the server installs the public
+    context. The passphrase is random and never written anywhere; the bundle and the public context exist only in a
+    temporary folder removed afterwards. Existing keys are replaced (a new key for everyone).
+
+    Returns:
+        participant name -> the context file written into its ``local/``.
+
+    Raises:
+        ValueError: no client site, or a name that is not that participant's kit.
+    """
+    from fedoap.privacy.he_keys import init_site, install_public, join_site
+
+    if not clients:
+        raise ValueError("the POC project has no client site to make the HE key")
+    prod = Path(prod)
+    passphrase = secrets.token_urlsafe(32)
+    with tempfile.TemporaryDirectory(prefix="fedoap_he_ceremony_") as tmp:
+        made = init_site(prod / clients[0], Path(tmp) / "he_key.bundle", Path(tmp) / "server_context.tenseal",
+                         passphrase, overwrite=True)
+        written = {clients[0]: made.secret_context}
+        for name in clients[1:]:
+            written[name], _ = join_site(prod / name, made.bundle, passphrase, overwrite=True)
+        written[server] = install_public(prod / server, made.public_context, overwrite=True)
+    return written
+
+
 def configure_poc(workspace: str | os.PathLike, data: str | os.PathLike, unseen: Optional[str] = None,
                   policy_dir: str | os.PathLike = POLICY_DIR) -> dict[str, dict[str, str]]:
-    """Install privacy policies, class allow-lists and data locations into every participant's ``local/``.
+    """Install privacy policies, class allow-lists, data locations and HE contexts into every participant's ``local/``.
 
     Args:
         workspace: the POC workspace (``$NVFLARE_POC_WORKSPACE``).
         data: folder with one MSD-layout sub-folder per client site name.
         unseen: name of the sub-folder of ``data`` with the unseen organ (None: none).
-        policy_dir: folder with ``privacy.json`` and ``resources.json`` for the client sites.
+        policy_dir: folder with the client sites' :data:`SITE_POLICY_FILES`.
 
     Returns:
         participant name -> {file kind: path written}.
@@ -76,13 +150,21 @@ def configure_poc(workspace: str | os.PathLike, data: str | os.PathLike, unseen:
     Raises:
         FileNotFoundError: no prepared POC, or a policy file is missing.
         fedoap.fl.site_config.SiteConfigError: a site's data folder does not exist.
+        ValueError: the project provisions HE keys with NVFlare's HEBuilder, has no client site, or not exactly one
+            server.
     """
     prod, project = find_prod_dir(workspace)
-    policy_dir = Path(policy_dir)
-    privacy, resources = policy_dir / "privacy.json", policy_dir / "resources.json"
-    for path in (privacy, resources):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found")
+    he_builders = [b["path"] for b in project.get("builders", []) if b.get("path", "").endswith(".HEBuilder")]
+    if he_builders:
+        raise ValueError(f"{Path(workspace) / 'project.yml'} provisions HE keys with {he_builders[0]}, which gives "
+                         "the provisioner the secret key of every site: remove it from the project file (and do not "
+                         "pass --he to 'nvflare poc prepare'); poc-configure runs the sites' own key ceremony")
+    servers = [p["name"] for p in project["participants"] if p["type"] == "server"]
+    if len(servers) != 1:
+        raise ValueError(f"{Path(workspace) / 'project.yml'} must have exactly one server participant, has {servers}")
+    resources = Path(policy_dir) / "resources.json"
+    if not resources.is_file():
+        raise FileNotFoundError(f"{resources} not found")
     allow = json.loads(resources.read_text())
     data = Path(data).resolve()
     unseen_dir = data / unseen if unseen else None
@@ -91,11 +173,10 @@ def configure_poc(workspace: str | os.PathLike, data: str | os.PathLike, unseen:
         name, kind = participant["name"], participant["type"]
         local = prod / name / "local"
         if kind == "client":
-            shutil.copyfile(privacy, local / "privacy.json")
-            shutil.copyfile(resources, local / "resources.json")
-            site = write_site_config(prod / name, data / name, unseen_dir)
-            written[name] = {"privacy": str(local / "privacy.json"), "resources": str(local / "resources.json"),
-                             "site_config": str(site)}
+            written[name] = configure_site(prod / name, data / name, unseen_dir, policy_dir)
         elif kind == "server":
             written[name] = {"resources": str(_merge_allow_list(local, allow))}
+    clients = [p["name"] for p in project["participants"] if p["type"] == "client"]
+    for name, path in run_poc_key_ceremony(prod, clients, servers[0]).items():
+        written[name]["he_context"] = str(path)
     return written

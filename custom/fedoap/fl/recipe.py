@@ -31,7 +31,7 @@ __all__ = ["FedOAPRecipe", "client_args_string", "HE_RULES", "DP_OPTIONS"]
 HE_RULES = frozenset(SERVER_RULES) - PLAINTEXT_RULES
 #: privacy options passed to every site's client script
 DP_OPTIONS = frozenset({"dp_update_clip", "dp_update_noise", "dp_delta", "dp_sgd_noise", "dp_sgd_epsilon",
-                        "dp_sgd_clip"})
+                        "dp_sgd_clip", "dp_sgd_unit", "dp_sgd_noise_source"})
 
 
 def client_args_string(args: dict[str, Any]) -> str:
@@ -69,9 +69,11 @@ class FedOAPRecipe(FedAvgRecipe):
         initial_ckpt: absolute path of the initial global checkpoint (a state dict); None: the server initializes.
         personalize: run the final fine-tuning and evaluation.
         he: sites encrypt their shared update (TenSEAL CKKS) and the server only adds ciphertexts; each site's
-            context file is its own configuration (startup kit, or ``$FEDOAP_HE_CONTEXT_DIR`` in simulation).
+            context file is its own configuration (``local/``, from the sites' key ceremony ``fedoap he-keys``, or
+            ``$FEDOAP_HE_CONTEXT_DIR`` in simulation).
         dp: differential privacy options for every site: ``dp_update_clip``/``dp_update_noise`` (client-level DP
-            of the shared update), ``dp_sgd_noise`` or ``dp_sgd_epsilon`` with ``dp_sgd_clip`` (sample-level
+            of the shared update), ``dp_sgd_noise`` or ``dp_sgd_epsilon`` with ``dp_sgd_clip``, ``dp_sgd_unit`` (``"slice"``
+            or ``"case"``) and ``dp_sgd_noise_source`` (sample-level
             DP-SGD), ``dp_delta``.
         task_request_interval: seconds a site waits before asking the server for its next task (NVFlare's default
             2 s; a simulation on one machine gains seconds per round with 0.2).

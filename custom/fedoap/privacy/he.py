@@ -62,7 +62,8 @@ __all__ = [
     "is_encrypted",
 ]
 
-#: file names NVFlare's ``HEBuilder`` writes into the server's and the clients' startup kits
+#: file names of the contexts (NVFlare's ``HEBuilder`` names; the sites' key ceremony, ``fedoap.privacy.he_keys``,
+#: writes them into each participant's ``local/`` folder)
 SERVER_CONTEXT_FILE = "server_context.tenseal"
 CLIENT_CONTEXT_FILE = "client_context.tenseal"
 
@@ -191,11 +192,9 @@ def create_contexts(config: HEConfig = HEConfig()) -> tuple[bytes, bytes]:
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    from fedoap.privacy.he_keys import write_atomic  # a unique temp file with ``mode`` set whatever the umask
+
+    write_atomic(path, data, mode)
 
 
 def write_contexts(
