@@ -1,7 +1,7 @@
 """End-to-end deployment in NVFlare's POC mode, with real processes: prepare a 2-site POC from poc_workspace/ (mTLS
-certificates and HE contexts from HEBuilder), install the sites' privacy policies, allow-lists and data locations,
-start it, submit the committed jobs with NVFlare's own CLI, wait, download and check the results, and stop it, ending
-every process it started by PID.
+certificates; no HE key from the provisioning), install the sites' privacy policies, allow-lists and data locations
+and run the sites' HE key ceremony (fedoap poc-configure), start it, submit the committed jobs with NVFlare's own CLI,
+wait, download and check the results, and stop it, ending every process it started by PID.
 
 Everything lives in a temporary folder: the POC workspace, the synthetic data and NVFlare's CLI configuration (HOME
 points there, so ~/.nvflare is never touched); the server's ports are free ones, so a developer's POC is left alone.
@@ -14,20 +14,24 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from fedoap.cli import main as fedoap_main
 from fedoap.data import generate_federation
-from fedoap.fl.controller import ENCRYPTED_CHECKPOINT, HISTORY_FILE
-from fedoap.fl.jobs import JobSettings
+from fedoap.fl.controller import ENCRYPTED_CHECKPOINT, HISTORY_FILE, load_encrypted_checkpoint
+from fedoap.fl.jobs import JobSettings, export_jobs
+from fedoap.fl.site_outputs import find_site_outputs, load_detail
 from fedoap.fl.site_policy import SiteDPPolicy
+from fedoap.fl.site_privacy import PUBLIC_DECIMALS
+from fedoap.privacy.at_rest import AtRestError, is_encrypted, load_key, site_key_path
+from fedoap.privacy.ledger import UNIT_SITE, PrivacyLedger, ledger_path
 from fedoap.privacy.dp import update_dp_epsilon
 from fedoap.networks import FedOAPNet
 from fedoap.privacy.he import HE_KEY_PREFIX
@@ -193,6 +197,10 @@ def poc(tmp_path_factory):
         # all at once (the server runs up to 4 jobs): the HE job, the plain one (asks for no DP, no scope), the bad one
         ids = {name: poc.submit(job) for name, job in
                (("fedoap_he", ROOT / "jobs" / "fedoap_he"), ("fedoap", ROOT / "jobs" / "fedoap"), ("nosuch", nosuch))}
+        # the attacks of a job submitter without bring-your-own-code rights, and a job that brings code
+        attacks = {name: _attack_job(root / "jobs", name, args) for name, args in ATTACK_JOBS.items()}
+        (attacks["byoc"],) = export_jobs(root / "jobs" / "byoc", ["fedoap"], byoc=True)
+        ids.update({name: poc.submit(job) for name, job in attacks.items()})
         poc.results = {name: poc.wait(job_id) for name, job_id in ids.items()}
         poc.ids = ids
         timings["3 jobs"], tick = time.time() - tick, time.time()
@@ -206,9 +214,33 @@ def poc(tmp_path_factory):
                  if stopped["after_poc_stop"] else ""))
 
 
+#: what a job submitter tried against the first version: another script, a command, the site's data folders
+ATTACK_JOBS = {
+    "foreign_script": {"task_script_path": "timeit.py", "task_script_args": "-n 1 pass"},
+    "external_command": {"execution_mode": "external_process", "command": "python -m timeit pass"},
+    "data_root": {"task_script_args": "--method fedoap --rounds 1 --data-root /"},
+}
+
+
+def _attack_job(parent: Path, name: str, executor_args: dict) -> Path:
+    job = parent / name
+    shutil.copytree(ROOT / "jobs" / "fedoap", job)
+    meta = json.loads((job / "meta.json").read_text())
+    (job / "meta.json").write_text(json.dumps({**meta, "name": name}, indent=2))
+    config_file = job / "app" / "config" / "config_fed_client.json"
+    config = json.loads(config_file.read_text())
+    config["executors"][0]["executor"]["args"].update(executor_args)
+    config_file.write_text(json.dumps(config, indent=2))
+    return job
+
+
 def _site_results(poc, job: str) -> dict:
-    return {site: json.loads((poc.prod / site / poc.ids[job] / "fedoap" / "personalized.json").read_text())
-            for site in SITES}
+    """Each site's detailed results, read with the site's own at-rest key (they are encrypted on the site)."""
+    results = {}
+    for site in SITES:
+        paths = find_site_outputs(poc.prod / site / poc.ids[job] / "fedoap")
+        results[site] = load_detail(paths.detail, key=load_key(site_key_path(poc.prod / site)))
+    return results
 
 
 def test_he_job_personalizes_every_site(poc):
@@ -218,13 +250,14 @@ def test_he_job_personalizes_every_site(poc):
     for site, detail in _site_results(poc, "fedoap_he").items():  # written on the site, never sent
         dice = detail["metrics"]["test_dice"]
         assert isinstance(dice, float) and 0.0 <= dice <= 1.0
-        assert history["personalized"][site]["test_dice"] == pytest.approx(dice)
+        # sent rounded under the site's DP policy
+        assert history["personalized"][site]["test_dice"] == pytest.approx(dice, abs=0.5 * 10 ** -PUBLIC_DECIMALS)
         assert 0.0 <= detail["metrics"]["unseen_dice"] <= 1.0  # the unseen organ from the site's configuration
 
 
 def test_server_holds_only_ciphertext_of_the_shared_part(poc):
     server = poc.download(poc.ids["fedoap_he"])
-    saved = torch.load(server / "app_server" / ENCRYPTED_CHECKPOINT, weights_only=False)
+    saved = load_encrypted_checkpoint(server / "app_server" / ENCRYPTED_CHECKPOINT)
     assert saved["encrypted_shared"] and all(k.startswith(HE_KEY_PREFIX) for k in saved["encrypted_shared"])
     assert not list(server.rglob("FL_global_model.pt")) and not list(server.rglob("*best*.pt"))
     net = FedOAPNet(**unet_model_args(JobSettings().width))
@@ -234,6 +267,26 @@ def test_server_holds_only_ciphertext_of_the_shared_part(poc):
         assert record["accepted"] == len(SITES)
         for site in SITES:  # what arrived was ciphertext: larger than the float32 shared parameters
             assert plaintext < record["sites"][site]["bytes_uploaded"] <= 8 * plaintext
+
+
+def test_only_the_sites_hold_the_he_secret_key(poc):
+    """The HE job ran on keys the sites made: no participant's startup/ holds a context, both sites hold the same
+    secret (0600) in local/, and nothing the server or the coordinator's admin holds contains it."""
+    import tenseal as ts
+
+    assert not list(poc.prod.glob("*/startup/*.tenseal"))
+    secrets = [(poc.prod / site / "local" / "client_context.tenseal") for site in SITES]
+    assert all(stat.S_IMODE(path.stat().st_mode) == 0o600 for path in secrets)
+    (secret,) = {path.read_bytes() for path in secrets}
+    assert ts.context_from(secret).is_private()
+    public = poc.prod / "localhost" / "local" / "server_context.tenseal"
+    assert not ts.context_from(public.read_bytes()).is_private()
+    coordinator = [poc.prod / "localhost", poc.prod / "admin@coordinator.org", poc.download(poc.ids["fedoap_he"])]
+    for path in (p for folder in coordinator for p in folder.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        assert secret not in data, path
+        if path.suffix == ".tenseal":
+            assert not ts.context_from(data).is_private(), path
 
 
 def test_site_policy_applies_dp_to_jobs_that_ask_for_none(poc):
@@ -264,6 +317,40 @@ def test_job_asking_for_an_unknown_scope_is_rejected(poc):
     for site in SITES:
         assert f"{site}: NVFLARE_ERROR: privacy scope 'nosuch' is not allowed" in details
     assert not (poc.prod / SITES[0] / poc.ids["nosuch"] / "fedoap").exists()  # it never ran
+
+
+@pytest.mark.parametrize("name", [*ATTACK_JOBS, "byoc"])
+def test_jobs_that_run_other_code_or_read_other_folders_are_refused_at_deployment(poc, name):
+    meta = poc.results[name]
+    assert meta["status"] == "FINISHED:FAILED_TO_RUN", meta
+    details = " ".join(meta.get("job_deploy_detail", []))
+    reason = "BYOC not permitted" if name == "byoc" else "fedoap site policy:"
+    for site in SITES:
+        assert re.search(rf"{site}: .*{re.escape(reason)}", details), details
+        assert not (poc.prod / site / poc.ids[name] / "fedoap").exists()  # nothing of it ran
+
+
+def test_site_outputs_are_owner_only_and_encrypted_at_rest(poc):
+    for site in SITES:
+        paths = find_site_outputs(poc.prod / site / poc.ids["fedoap_he"] / "fedoap")
+        for path in (paths.model, paths.overlays, paths.detail):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+            assert is_encrypted(path.read_bytes()), path  # patient images and scores unreadable without the key
+        with pytest.raises(AtRestError):
+            load_detail(paths.detail, key=bytes(32))  # a wrong key
+
+
+def test_privacy_ledger_adds_up_both_jobs_at_each_site(poc):
+    policy = json.loads((ROOT / "poc_workspace" / "local" / "privacy.json").read_text())
+    default = next(s for s in policy["scopes"] if s["name"] == policy["default_scope"])
+    site_policy = SiteDPPolicy(**default["task_result_filters"][0]["args"])
+    for site in SITES:  # two 3-round jobs under the strict scope, charged to one ledger while running side by side
+        ledger = PrivacyLedger(ledger_path(poc.prod / site))
+        entries = ledger.entries(scope=default["name"], unit=UNIT_SITE)
+        assert len(entries) == 6
+        spent = ledger.spent(None, UNIT_SITE, site_policy.delta)
+        assert spent == pytest.approx(update_dp_epsilon(site_policy.noise_multiplier, 6, site_policy.delta), rel=1e-6)
+        assert spent <= site_policy.total_epsilon
 
 
 def test_stopping_ends_every_process_it_started(poc):
