@@ -4,7 +4,7 @@ keys dropped, bad updates rejected with a reason."""
 import numpy as np
 import pytest
 
-from fedoap.fl.aggregation import FedNovaAggregator, SharedParamsAggregator, UpdateRejected, payload_bytes
+from fedoap.server.aggregation import FedNovaAggregator, SharedParamsAggregator, UpdateRejected, payload_bytes
 
 REF = {"enc.w": np.zeros((2, 3), np.float32), "enc.b": np.zeros(3, np.float32)}
 

@@ -10,7 +10,9 @@ from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 from nvflare.app_opt.pt.job_config.base_fed_job import BaseFedJob
 from nvflare.job_config.script_runner import ScriptRunner
 
-from fedoap.fl.controller import HISTORY_FILE, SharedParamsFedAvg
+from fedoap.server.controller import SharedParamsFedAvg
+
+from fedoap.protocol import HISTORY_FILE
 
 SCRIPT = Path(__file__).parent / "scripts" / "scripted_client.py"
 SITES = ["good-1", "good-3", "nan", "shape"]
@@ -118,7 +120,7 @@ class _Result:
 
 
 def test_the_reported_aggregation_weight_beats_the_sample_count_and_fednova_gets_the_steps():
-    from fedoap.fl.aggregation import FedNovaAggregator, SharedParamsAggregator
+    from fedoap.server.aggregation import FedNovaAggregator, SharedParamsAggregator
 
     controller = SharedParamsFedAvg(num_rounds=1, min_clients=2, shared_keys=["w"])
     results = [_Result("a", 1.0, {"n_samples": 100, "aggregation_weight": 1, "NUM_STEPS_CURRENT_ROUND": 4}),

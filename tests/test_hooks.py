@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from fedoap.data import SiteData, SliceSet
-from fedoap.fl.aggregation import PLAINTEXT_RULES, SERVER_RULES, SharedParamsAggregator, make_aggregator
-from fedoap.fl.client import pool_sites
-from fedoap.fl.recipe import HE_RULES, FedOAPRecipe
+from fedoap.server.aggregation import PLAINTEXT_RULES, SERVER_RULES, SharedParamsAggregator, make_aggregator
+from fedoap.site.client import pool_sites
+from fedoap.deploy.recipe import HE_RULES, FedOAPRecipe
 from fedoap.methods import Centralized, FedAvg, get_method
 from fedoap.simulation import _unpool_history
 from fedoap.training import LocalTrainer, TrainConfig

@@ -10,9 +10,9 @@ import pytest
 
 from nvflare.app_common.widgets.component_path_authorizer import ComponentPathAuthorizer
 
-from fedoap.fl import client as client_script
-from fedoap.fl.executor import CLIENT_SCRIPT, resolve_client_script
-from fedoap.fl.jobs import JOBS, export_jobs
+from fedoap.site import client as client_script
+from fedoap.site.executor import CLIENT_SCRIPT, resolve_client_script
+from fedoap.deploy.jobs import JOBS, export_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS_DIR = ROOT / "jobs"
@@ -65,7 +65,7 @@ def test_job_carries_no_code_no_data_path_and_only_allowed_classes(name):
 
     client = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())
     (executor,) = client["executors"]
-    assert executor["executor"]["path"] == "fedoap.fl.executor.FedOAPExecutor"
+    assert executor["executor"]["path"] == "fedoap.site.executor.FedOAPExecutor"
     exec_args = executor["executor"]["args"]
     assert set(exec_args) == {"task_script_args"}  # no script path, command or mode: the executor fixes them
     parsed = client_script.build_parser().parse_args(exec_args["task_script_args"].split())
@@ -77,12 +77,12 @@ def test_job_carries_no_code_no_data_path_and_only_allowed_classes(name):
 
 
 def test_script_of_the_installed_package_is_found_on_the_site(tmp_path):
-    import fedoap.fl.client
+    import fedoap.site.client
 
-    assert resolve_client_script() == fedoap.fl.client.__file__
-    assert resolve_client_script(str(tmp_path)) == fedoap.fl.client.__file__  # no copy in the job: the installed one
-    (tmp_path / "fedoap" / "fl").mkdir(parents=True)
-    (tmp_path / "fedoap" / "fl" / "client.py").write_text("")
+    assert resolve_client_script() == fedoap.site.client.__file__
+    assert resolve_client_script(str(tmp_path)) == fedoap.site.client.__file__  # no copy in the job: the installed one
+    (tmp_path / "fedoap" / "site").mkdir(parents=True)
+    (tmp_path / "fedoap" / "site" / "client.py").write_text("")
     # a bring-your-own-code job's copy stays relative: NVFlare runs the one under the job's custom folder
     assert resolve_client_script(str(tmp_path)) == CLIENT_SCRIPT
 
@@ -90,7 +90,7 @@ def test_script_of_the_installed_package_is_found_on_the_site(tmp_path):
 def test_byoc_export_carries_the_whole_package(tmp_path):
     (job,) = export_jobs(tmp_path, ["fedoap"], byoc=True)
     package = job / "app" / "custom" / "fedoap"
-    assert (package / "__init__.py").is_file() and (package / "fl" / "client.py").is_file()
+    assert (package / "__init__.py").is_file() and (package / "site" / "client.py").is_file()
     assert (package / "methods" / "__init__.py").is_file() and not list(package.rglob("__pycache__"))
     assert filecmp.cmp(job / "app" / "config" / "config_fed_client.json",
                        JOBS_DIR / "fedoap" / "app" / "config" / "config_fed_client.json", shallow=False)

@@ -409,7 +409,7 @@ def test_aggregation_weight_is_samples_or_steps():
 
 
 def test_dp_sgd_is_refused_for_fedgs_and_allowed_for_fednova():
-    from fedoap.fl.recipe import FedOAPRecipe
+    from fedoap.deploy.recipe import FedOAPRecipe
 
     dp = DPSGDConfig(noise_multiplier=1.0)
     with pytest.raises(ValueError, match="'fedgs' scales each step's share of the sent update"):

@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from fedoap.data import SliceSet
-from fedoap.fl.aggregation import PLAINTEXT_RULES, SERVER_RULES, UpdateRejected, make_aggregator
-from fedoap.fl.controller import SharedParamsFedAvg
-from fedoap.fl.fedawa_aggregation import FedAWAAggregator
-from fedoap.fl.fedlws_aggregation import FedLWSAggregator, layer_groups
-from fedoap.fl.recipe import HE_RULES
+from fedoap.server.aggregation import PLAINTEXT_RULES, SERVER_RULES, UpdateRejected, make_aggregator
+from fedoap.server.controller import SharedParamsFedAvg
+from fedoap.server.fedawa_aggregation import FedAWAAggregator
+from fedoap.server.fedlws_aggregation import FedLWSAggregator, layer_groups
+from fedoap.deploy.recipe import HE_RULES
 from fedoap.losses import BCEDiceLoss
 from fedoap.methods import METHODS, FedAvg, FedAWA, FedLWS, FedRDN, get_method
 from fedoap.networks.site_normalized_net import INPUT_STATISTICS_KEYS, SiteNormalizedNet

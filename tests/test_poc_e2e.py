@@ -25,11 +25,12 @@ import yaml
 
 from fedoap.cli import main as fedoap_main
 from fedoap.data import generate_federation
-from fedoap.fl.controller import ENCRYPTED_CHECKPOINT, HISTORY_FILE, load_encrypted_checkpoint
-from fedoap.fl.jobs import JobSettings, export_jobs
-from fedoap.fl.site_outputs import find_site_outputs, load_detail
-from fedoap.fl.site_policy import SiteDPPolicy
-from fedoap.fl.site_privacy import PUBLIC_DECIMALS
+from fedoap.server.controller import ENCRYPTED_CHECKPOINT, load_encrypted_checkpoint
+from fedoap.protocol import HISTORY_FILE
+from fedoap.deploy.jobs import JobSettings, export_jobs
+from fedoap.site.outputs import find_site_outputs, load_detail
+from fedoap.site.policy import SiteDPPolicy
+from fedoap.site.privacy import PUBLIC_DECIMALS
 from fedoap.privacy.at_rest import AtRestError, is_encrypted, load_key, site_key_path
 from fedoap.privacy.ledger import UNIT_SITE, PrivacyLedger, ledger_path
 from fedoap.privacy.dp import update_dp_epsilon

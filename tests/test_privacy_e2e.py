@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fedoap.cli import main
-from fedoap.fl.controller import ENCRYPTED_CHECKPOINT, HISTORY_FILE, load_encrypted_checkpoint
+from fedoap.server.controller import ENCRYPTED_CHECKPOINT, load_encrypted_checkpoint
+from fedoap.protocol import HISTORY_FILE
 from fedoap.networks import FedOAPNet
 from fedoap.privacy.dp import update_dp_epsilon
 from fedoap.privacy.he import HE_KEY_PREFIX, from_params

@@ -2,8 +2,8 @@
 
 import json
 
-from fedoap.fl import client as client_script
-from fedoap.fl.recipe import FedOAPRecipe, client_args_string
+from fedoap.site import client as client_script
+from fedoap.deploy.recipe import FedOAPRecipe, client_args_string
 from fedoap.networks import FedOAPNet
 
 import pytest
@@ -24,7 +24,7 @@ def test_export_keeps_controller_model_and_client_arguments(tmp_path, partition)
     client = json.loads((app / "config_fed_client.json").read_text())
 
     (controller,) = server["workflows"]
-    assert controller["path"] == "fedoap.fl.controller.SharedParamsFedAvg"
+    assert controller["path"] == "fedoap.server.controller.SharedParamsFedAvg"
     expected_shared = FedOAPNet(**MODEL_ARGS, partition=partition).shared_keys
     assert controller["args"]["shared_keys"] == expected_shared
     assert controller["args"]["num_rounds"] == 3 and controller["args"]["min_clients"] == 2

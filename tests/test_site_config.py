@@ -5,8 +5,8 @@ from argparse import Namespace
 
 import pytest
 
-from fedoap.fl import client as client_script
-from fedoap.fl.site_config import (SITE_CONFIG_ENV, SiteConfigError, find_site_config, load_site_config,
+from fedoap.site import client as client_script
+from fedoap.site.site_config import (SITE_CONFIG_ENV, SiteConfigError, find_site_config, load_site_config,
                                    write_site_config)
 
 

@@ -20,10 +20,11 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.private.fed.app.fl_conf import create_privacy_manager
 
-from fedoap.fl.controller import SITE_STATISTICS_KEY
-from fedoap.fl.site_policy import (SITE_DP_BUDGET_KEY, SITE_DP_POLICY_KEY, SiteDPPolicy, budget_from_meta, check_stamp,
-                                   policy_from_meta, stamp_releases)
-from fedoap.fl.site_privacy import DP_STAMP_KEY, SitePrivacy, stricter
+from fedoap.protocol import SITE_STATISTICS_KEY
+from fedoap.site.policy import SiteDPPolicy, budget_from_meta, check_stamp, policy_from_meta, stamp_releases
+from fedoap.protocol import SITE_DP_BUDGET_KEY, SITE_DP_POLICY_KEY
+from fedoap.site.privacy import SitePrivacy, stricter
+from fedoap.protocol import DP_STAMP_KEY
 from fedoap.privacy.dp import UpdateDPConfig, update_dp_epsilon
 from fedoap.privacy.ledger import Release
 

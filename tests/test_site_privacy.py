@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedoap.fl.aggregation import UpdateRejected
-from fedoap.fl.encrypted_aggregation import EncryptedSumAggregator
-from fedoap.fl.site_privacy import SitePrivacy
+from fedoap.server.aggregation import UpdateRejected
+from fedoap.server.encrypted_aggregation import EncryptedSumAggregator
+from fedoap.site.privacy import SitePrivacy
 from fedoap.networks import FedOAPNet
 from fedoap.privacy.dp import UpdateDPConfig
 from fedoap.privacy.he import HE_KEY_PREFIX, create_contexts, decrypt_average, from_params, load_context

@@ -327,7 +327,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.command == "export-jobs":
             from dataclasses import replace
 
-            from fedoap.fl.jobs import JobSettings, export_jobs
+            from fedoap.deploy.jobs import JobSettings, export_jobs
 
             overrides = {k: getattr(args, k) for k in ("min_clients", "rounds", "local_epochs", "finetune_epochs",
                                                        "image_size", "width", "batch_size")
@@ -337,7 +337,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.command == "poc-configure":
             import os
 
-            from fedoap.fl.poc_setup import POLICY_DIR, configure_poc
+            from fedoap.deploy.poc import POLICY_DIR, configure_poc
 
             workspace = args.workspace or os.environ.get("NVFLARE_POC_WORKSPACE")
             if not workspace:
@@ -346,7 +346,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(json.dumps(written, indent=2))
             print("sites read these files when they start: run 'nvflare poc start' now (or restart the POC)")
         elif args.command == "site-configure":
-            from fedoap.fl.poc_setup import POLICY_DIR, configure_site
+            from fedoap.deploy.poc import POLICY_DIR, configure_site
 
             print(json.dumps(configure_site(args.kit, args.data, args.unseen, args.policies or POLICY_DIR), indent=2))
         elif args.command == "he-keys":

@@ -23,9 +23,9 @@ import torch
 
 from fedoap.data import generate_federation, load_site, load_unseen
 from fedoap.eval.metrics import EMPTY_MASK_RULE
-from fedoap.fl.client import SITE_RESULTS_DIR
-from fedoap.fl.controller import HISTORY_FILE
-from fedoap.fl.site_outputs import find_site_outputs, load_detail, load_overlays
+from fedoap.site.client import SITE_RESULTS_DIR
+from fedoap.protocol import HISTORY_FILE
+from fedoap.site.outputs import find_site_outputs, load_detail, load_overlays
 from fedoap.jsonio import write_json
 from fedoap.methods import get_method
 from fedoap.methods.centralized import POOLED_SITE
@@ -184,7 +184,7 @@ def run_simulation(cfg: SimulationConfig, verbose: bool = True) -> dict[str, Any
     """
     from nvflare.recipe import SimEnv
 
-    from fedoap.fl.recipe import FedOAPRecipe
+    from fedoap.deploy.recipe import FedOAPRecipe
 
     say = print if verbose else (lambda *a, **k: None)
     out = Path(cfg.out).resolve()

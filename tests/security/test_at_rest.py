@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from fedoap.fl.controller import ENCRYPTED_CHECKPOINT, encrypted_checkpoint_bytes, load_encrypted_checkpoint
-from fedoap.fl.site_outputs import (
+from fedoap.server.controller import ENCRYPTED_CHECKPOINT, encrypted_checkpoint_bytes, load_encrypted_checkpoint
+from fedoap.site.outputs import (
     MODEL_FORMAT,
     find_site_outputs,
     load_detail,

@@ -31,8 +31,8 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from opacus.accountants import RDPAccountant
 
-from fedoap.fl.site_policy import SiteDPPolicy, budget_from_meta
-from fedoap.fl.site_privacy import DP_STAMP_KEY
+from fedoap.site.policy import SiteDPPolicy, budget_from_meta
+from fedoap.protocol import DP_STAMP_KEY
 from fedoap.privacy.dp import UpdateDPAccountant, update_dp_epsilon
 from fedoap.privacy.ledger import (
     BudgetExceededError,

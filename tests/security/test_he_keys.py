@@ -23,7 +23,7 @@ import tenseal as ts
 import yaml
 
 from fedoap.cli import main as fedoap_main
-from fedoap.fl.poc_setup import configure_poc, run_poc_key_ceremony
+from fedoap.deploy.poc import configure_poc, run_poc_key_ceremony
 from fedoap.privacy.contexts import HE_CONTEXT_DIR_ENV, find_context_file
 from fedoap.privacy.he import HEConfig, add_encrypted, create_contexts, decrypt_average, encrypt_update, load_context
 from fedoap.privacy.he_keys import (

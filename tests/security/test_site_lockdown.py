@@ -18,8 +18,8 @@ from nvflare.app_common.widgets.component_path_authorizer import ComponentPathAu
 from nvflare.fuel.sec.authz import Authorizer, AuthzContext, Person
 from nvflare.security.security import COMMAND_CATEGORIES
 
-from fedoap.fl.app_validator import EXECUTOR_PATH, FedOAPAppValidator
-from fedoap.fl.executor import CLIENT_SCRIPT, FedOAPExecutor, job_data_options, refused_args
+from fedoap.site.app_validator import EXECUTOR_PATH, FedOAPAppValidator
+from fedoap.site.executor import CLIENT_SCRIPT, FedOAPExecutor, job_data_options, refused_args
 from fedoap.methods import METHODS, get_method
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,13 +52,13 @@ def test_allow_list_names_exact_fedoap_classes_never_a_prefix():
         module, _, name = entry.rpartition(".")
         assert inspect.isclass(getattr(importlib.import_module(module), name)), f"{entry} is not a class"
     # the attack of the first version: any class of the package, e.g. a pass-through executor, is not admitted
-    assert not _allowed("fedoap.fl.client.main") and not _allowed("fedoap.evil.Executor")
+    assert not _allowed("fedoap.site.client.main") and not _allowed("fedoap.evil.Executor")
     assert not _allowed(f"{ClientAPIExecutor.__module__}.{ClientAPIExecutor.__name__}")
     assert not _allowed("nvflare.app_common.executors.client_api_executor.ClientAPIExecutor")
 
 
 def test_every_class_a_fedoap_job_needs_is_allowed():
-    paths = {EXECUTOR_PATH, "fedoap.fl.controller.SharedParamsFedAvg", "fedoap.fl.site_policy.SiteDPPolicy",
+    paths = {EXECUTOR_PATH, "fedoap.server.controller.SharedParamsFedAvg", "fedoap.site.policy.SiteDPPolicy",
              RESOURCES["app_validator"]["path"]}
     paths |= {get_method(name).model_spec({})["class_path"] for name in METHODS}
     for job_config in (ROOT / "jobs").rglob("config_fed_*.json"):

@@ -10,7 +10,7 @@ import zlib
 
 import torch
 
-from fedoap.fl.site_privacy import SitePrivacy, public_metrics
+from fedoap.site.privacy import SitePrivacy, public_metrics
 from fedoap.privacy.dp import UpdateDPConfig
 
 SIGMA, CLIP, JOB_SEED, SITE = 0.5, 1.0, 0, "brain"

@@ -3,7 +3,7 @@
 Implements Shi, Zhao, Zhang, Zhou, Guo, Chang, "FedAWA: Adaptive Optimization of Aggregation Weights in Federated
 Learning Using Client Vectors", CVPR 2025 (arXiv 2503.15842), on the same backbone and sharing as FedAvg (FedOAPNet,
 every parameter shared). The sites train exactly as under FedAvg; the server (rule ``"fedawa"``,
-:class:`fedoap.fl.fedawa_aggregation.FedAWAAggregator`) keeps one weight logit per site and, every round, takes a few
+:class:`fedoap.server.fedawa_aggregation.FedAWAAggregator`) keeps one weight logit per site and, every round, takes a few
 gradient steps on
 
     sum_k lambda_k ||tau_k - sum_j lambda_j tau_j||_2 + sum_k lambda_k (1 - cos(x, x_k)),   lambda = softmax(logits),
@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedoap.fl.fedawa_aggregation import check_fedawa_args
+from fedoap.server.fedawa_aggregation import check_fedawa_args
 from fedoap.methods.fedavg import FedAvg
 
 __all__ = ["FedAWA"]
@@ -55,7 +55,7 @@ class FedAWA(FedAvg):
         aggregate_with: ``"last_forward"`` or ``"updated"``.
 
     Raises:
-        ValueError: an invalid argument (see :func:`fedoap.fl.fedawa_aggregation.check_fedawa_args`).
+        ValueError: an invalid argument (see :func:`fedoap.server.fedawa_aggregation.check_fedawa_args`).
     """
 
     name = "fedawa"

@@ -2,7 +2,7 @@
 
 Implements Shi, Li, Zhao, Guo, Chang, "FedLWS: Federated Learning with Adaptive Layer-wise Weight Shrinking", ICLR
 2025 (arXiv 2503.15111), on the same backbone and sharing as FedAvg (FedOAPNet, every parameter shared). The sites
-train exactly as under FedAvg; the server (rule ``"fedlws"``, :class:`fedoap.fl.fedlws_aggregation.FedLWSAggregator`)
+train exactly as under FedAvg; the server (rule ``"fedlws"``, :class:`fedoap.server.fedlws_aggregation.FedLWSAggregator`)
 multiplies each layer of the sample-weighted mean ``m`` by
 
     gamma_l = ||x_l|| / (||x_l|| + tau_l ||m_l - x_l||),
@@ -15,7 +15,7 @@ Choices the paper leaves open, fixed here (constructor arguments, passed to the 
 :meth:`server_rule_args`; the defaults are the authors' code's): ``beta = 0.03``, ``min_tau = 0.01``,
 ``max_tau = 0.2``; a "layer" is a module's keys (its weight and bias, the layers the authors' walk over the state
 dict forms; ``layers="key"``: every key), and a layer whose global norm is zero is not shrunk. See
-``fedoap.fl.fedlws_aggregation`` for the details.
+``fedoap.server.fedlws_aggregation`` for the details.
 
 Privacy: the server needs every site's parameters and the global model in clear, so homomorphic encryption is refused
 (the rule is ``plaintext``). Client-level DP of the update and DP-SGD compose with it (the server only post-processes
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedoap.fl.fedlws_aggregation import check_fedlws_args
+from fedoap.server.fedlws_aggregation import check_fedlws_args
 from fedoap.methods.fedavg import FedAvg
 
 __all__ = ["FedLWS"]
@@ -41,7 +41,7 @@ class FedLWS(FedAvg):
         layers: ``"module"`` (a module's keys form a layer) or ``"key"`` (each key is a layer).
 
     Raises:
-        ValueError: an invalid argument (see :func:`fedoap.fl.fedlws_aggregation.check_fedlws_args`).
+        ValueError: an invalid argument (see :func:`fedoap.server.fedlws_aggregation.check_fedlws_args`).
     """
 
     name = "fedlws"

@@ -5,7 +5,7 @@ the server deploys a job, and a refusal fails the deployment with the validator'
 (``job_deploy_detail``). :class:`FedOAPAppValidator` refuses a job whose client configuration
 
 * is not plain JSON (``config_fed_client.conf``/``.yml`` would escape this check),
-* configures :class:`fedoap.fl.executor.FedOAPExecutor` with anything but the arguments a job may set (a script path,
+* configures :class:`fedoap.site.executor.FedOAPExecutor` with anything but the arguments a job may set (a script path,
   a command, another execution mode, attach or launch settings), or
 * passes data-folder options (``--data-root``, ``--unseen-dir``, ``--pool-sites``) to the client script: a deployed
   site's data folders come only from its own configuration,
@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 from nvflare.apis.app_validation import AppValidator
 
-from fedoap.fl.executor import FedOAPExecutor, refused_args
+from fedoap.site.executor import FedOAPExecutor, refused_args
 
 __all__ = ["FedOAPAppValidator", "EXECUTOR_PATH"]
 
@@ -72,7 +72,7 @@ def refusal(app_folder: str) -> str:
 
 class FedOAPAppValidator(AppValidator):
     """NVFlare app validator of a fedoap site (see the module docstring); list it in ``local/resources.json`` as
-    ``"app_validator": {"path": "fedoap.fl.app_validator.FedOAPAppValidator"}``."""
+    ``"app_validator": {"path": "fedoap.site.app_validator.FedOAPAppValidator"}``."""
 
     def validate(self, app_folder: str) -> tuple[str, dict]:
         return refusal(app_folder), {}

@@ -26,7 +26,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 
-from fedoap.fl.aggregation import SharedParamsAggregator
+from fedoap.server.aggregation import SharedParamsAggregator
 
 __all__ = ["FedAWAAggregator", "check_fedawa_args", "REG_DISTANCES", "SERVER_OPTIMIZERS", "LOGIT_INITS",
            "AGGREGATE_WITH"]
@@ -89,7 +89,7 @@ def _dot(a: np.ndarray, b: np.ndarray) -> float:
 class FedAWAAggregator(SharedParamsAggregator):
     """FedAWA's aggregation of one round, over the shared parameters (see the module docstring for the rule).
 
-    The same ``add``/``count``/``result`` contract as :class:`~fedoap.fl.aggregation.SharedParamsAggregator`, plus
+    The same ``add``/``count``/``result`` contract as :class:`~fedoap.server.aggregation.SharedParamsAggregator`, plus
     ``state()``: the learned logits by site, which the controller hands to the next round's aggregator (``state``).
     After :meth:`result`, :attr:`weights` holds the aggregation weight of each site and :attr:`logits` the logits
     carried on (both also in ``summary()``, which the controller records in its history). The sample weights passed

@@ -36,7 +36,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from fedoap.fl.aggregation import SharedParamsAggregator
+from fedoap.server.aggregation import SharedParamsAggregator
 
 __all__ = ["FedLWSAggregator", "check_fedlws_args", "LAYER_GROUPINGS", "layer_groups"]
 
@@ -76,7 +76,7 @@ def layer_groups(keys: list[str], layers: str = "module") -> dict[str, list[str]
 class FedLWSAggregator(SharedParamsAggregator):
     """FedLWS's aggregation of one round, over the shared parameters (see the module docstring for the rule).
 
-    The same ``add``/``count``/``result`` contract as :class:`~fedoap.fl.aggregation.SharedParamsAggregator`. After
+    The same ``add``/``count``/``result`` contract as :class:`~fedoap.server.aggregation.SharedParamsAggregator`. After
     :meth:`result`, :attr:`gammas` and :attr:`taus` hold each layer's factor and ``tau`` (also in ``summary()``,
     which the controller records in its history).
 

@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 
 import yaml
 
-from fedoap.fl.site_config import write_site_config
+from fedoap.site.site_config import write_site_config
 
 __all__ = ["POLICY_DIR", "SITE_POLICY_FILES", "configure_poc", "configure_site", "find_prod_dir",
            "run_poc_key_ceremony"]
@@ -54,7 +54,7 @@ def configure_site(kit: str | os.PathLike, data_dir: str | os.PathLike, unseen_d
 
     Raises:
         FileNotFoundError: ``kit`` is not a client site's kit (no ``startup/fed_client.json``) or a policy is missing.
-        fedoap.fl.site_config.SiteConfigError: a data folder does not exist.
+        fedoap.site.site_config.SiteConfigError: a data folder does not exist.
     """
     from fedoap.privacy.at_rest import create_key, site_key_path
 
@@ -149,7 +149,7 @@ def configure_poc(workspace: str | os.PathLike, data: str | os.PathLike, unseen:
 
     Raises:
         FileNotFoundError: no prepared POC, or a policy file is missing.
-        fedoap.fl.site_config.SiteConfigError: a site's data folder does not exist.
+        fedoap.site.site_config.SiteConfigError: a site's data folder does not exist.
         ValueError: the project provisions HE keys with NVFlare's HEBuilder, has no client site, or not exactly one
             server.
     """

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from fedoap.fl.aggregation import UpdateRejected
+from fedoap.server.aggregation import UpdateRejected
 from fedoap.privacy.he import HE_KEY_PREFIX, EncryptedUpdate, add_encrypted, from_params, pack, to_params
 
 __all__ = ["EncryptedSumAggregator"]

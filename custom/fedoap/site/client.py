@@ -12,10 +12,10 @@ state and data stay in memory across rounds. Tasks:
 
 The site's data folder (MSD layout) is ``<data-root>/<site name>`` when the job passes ``--data-root`` (the
 simulator, where every site shares one file system); a deployed job passes no data path, and each site reads its own
-from its configuration, ``<site workspace>/local/fedoap_site.json`` (``fedoap.fl.site_config``).
+from its configuration, ``<site workspace>/local/fedoap_site.json`` (``fedoap.site.site_config``).
 
 Client-level DP of the shared update is the stricter of the job's options and the site's mandatory policy, which the
-site's privacy filter (``fedoap.fl.site_policy``) announces in the meta of every task; it is fixed when the first task
+site's privacy filter (``fedoap.site.policy``) announces in the meta of every task; it is fixed when the first task
 arrives (one accountant for the whole job), and every released update carries a stamp of what it went through.
 """
 
@@ -34,11 +34,12 @@ import torch
 
 from fedoap.data import SiteData, SliceSet, load_site, load_unseen
 from fedoap.eval.metrics import EMPTY_MASK_RULE, summarize
-from fedoap.fl.controller import AGGREGATION_WEIGHT_KEY, NUM_SAMPLES_KEY, PERSONALIZE_TASK, SITE_STATISTICS_KEY
-from fedoap.fl.site_config import find_site_config, load_site_config
-from fedoap.fl.site_policy import budget_from_meta, policy_from_meta
-from fedoap.fl.site_outputs import write_site_outputs
-from fedoap.fl.site_privacy import DP_STAMP_KEY, SitePrivacy, public_metrics, stricter
+from fedoap.protocol import AGGREGATION_WEIGHT_KEY, NUM_SAMPLES_KEY, PERSONALIZE_TASK, SITE_STATISTICS_KEY
+from fedoap.site.site_config import find_site_config, load_site_config
+from fedoap.site.policy import budget_from_meta, policy_from_meta
+from fedoap.site.outputs import write_site_outputs
+from fedoap.site.privacy import SitePrivacy, public_metrics, stricter
+from fedoap.protocol import DP_STAMP_KEY
 from fedoap.methods import get_method
 from fedoap.privacy.at_rest import find_site_key, make_private_dir
 from fedoap.privacy.dp import DPSGDConfig, UpdateDPConfig
@@ -52,7 +53,7 @@ N_OVERLAYS = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # no abbreviations: a deployed site refuses the data-folder options by their exact names (fedoap.fl.executor)
+    # no abbreviations: a deployed site refuses the data-folder options by their exact names (fedoap.site.executor)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--data-root", default="", help="folder with one MSD-layout sub-folder per site (simulation); "
                    "without it the site reads its data folder from its configuration (local/fedoap_site.json)")
@@ -100,7 +101,7 @@ def _overlay_indices(split: SliceSet, n: int) -> np.ndarray:
 def personalize(trainer: LocalTrainer, data: SiteData, unseen: Optional[SliceSet], out_dir: Path,
                 key: Optional[bytes] = None) -> dict:
     """Fine-tune, evaluate, write the site's detailed results (owner-only; encrypted under the site's at-rest ``key``
-    when it has one, ``fedoap.fl.site_outputs``); return the metrics sent to the server."""
+    when it has one, ``fedoap.site.outputs``); return the metrics sent to the server."""
     finetune = trainer.finetune()
     test_scores = trainer.evaluate(data.test)
     test = summarize(test_scores)
@@ -178,7 +179,7 @@ def site_data_dirs(args: argparse.Namespace, site: str, workspace_root: str) -> 
     (simulation), else from the site's configuration file.
 
     Raises:
-        fedoap.fl.site_config.SiteConfigError: no data root and no valid site configuration (names the file).
+        fedoap.site.site_config.SiteConfigError: no data root and no valid site configuration (names the file).
     """
     if args.data_root:
         return Path(args.data_root) / site, (Path(args.unseen_dir) if args.unseen_dir else None)

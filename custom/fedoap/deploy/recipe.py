@@ -16,15 +16,17 @@ import json
 from typing import Any, Optional
 
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+from nvflare.app_common.executors.client_api_executor import ExecutionMode
 from nvflare.client.config import ExchangeFormat
+from nvflare.job_config.script_runner import ScriptRunner
 
-from fedoap.fl import client as client_script
-from fedoap.fl.aggregation import PLAINTEXT_RULES, SERVER_RULES
-from fedoap.fl.controller import SharedParamsFedAvg
-from fedoap.fl.executor import CLIENT_SCRIPT, FedOAPScriptRunner
+from fedoap.site import client as client_script
+from fedoap.server.aggregation import PLAINTEXT_RULES, SERVER_RULES
+from fedoap.server.controller import SharedParamsFedAvg
+from fedoap.site.executor import CLIENT_SCRIPT, FedOAPExecutor
 from fedoap.methods import get_method
 
-__all__ = ["FedOAPRecipe", "client_args_string", "HE_RULES", "DP_OPTIONS"]
+__all__ = ["FedOAPRecipe", "FedOAPScriptRunner", "client_args_string", "HE_RULES", "DP_OPTIONS"]
 
 #: server rules that are sums of client contributions, so the server can compute them on ciphertexts (FedGS runs under
 #: "weighted_mean" with step-count weights; "fednova", "fedawa", "fedlws" need the global model in clear)
@@ -51,6 +53,27 @@ def client_args_string(args: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+class FedOAPScriptRunner(ScriptRunner):
+    """``ScriptRunner`` that adds a :class:`FedOAPExecutor` and copies no script into the job."""
+
+    def add_to_fed_job(self, job, ctx, **kwargs):
+        job.check_kwargs(args_to_check=kwargs, args_expected={"tasks": False})
+        if self._execution_mode != ExecutionMode.IN_PROCESS:
+            raise ValueError("FedOAPScriptRunner runs the client script in-process only")
+        if self._script != CLIENT_SCRIPT:
+            raise ValueError(f"FedOAPScriptRunner runs {CLIENT_SCRIPT} only, got {self._script!r}")
+        executor = FedOAPExecutor(
+            task_script_args=self._script_args,
+            params_exchange_format=self._params_exchange_format,
+            server_expected_format=self._server_expected_format,
+            params_transfer_type=self._params_transfer_type,
+            memory_gc_rounds=self._memory_gc_rounds,
+            cuda_empty_cache=self._cuda_empty_cache,
+        )
+        job.add_executor(executor, tasks=kwargs.get("tasks", ["*"]), ctx=ctx)
+        return {}
+
+
 class FedOAPRecipe(FedAvgRecipe):
     """Personalized FL job: only the method's shared parameters travel; sites personalize at the end.
 
@@ -59,7 +82,7 @@ class FedOAPRecipe(FedAvgRecipe):
         min_clients: sites per round (all of them: full participation).
         num_rounds: federated rounds T.
         data_root: folder with one MSD-layout sub-folder per site name (as the site sees its file system); "" (a
-            deployed job): each site reads its data folder from its own configuration (``fedoap.fl.site_config``).
+            deployed job): each site reads its data folder from its own configuration (``fedoap.site.site_config``).
         unseen_dir: MSD-layout folder of the unseen organ, evaluated by every personalized model ("" for none, or
             the site configuration's).
         method: federated method name; method_args: its constructor arguments.
@@ -78,7 +101,7 @@ class FedOAPRecipe(FedAvgRecipe):
         task_request_interval: seconds a site waits before asking the server for its next task (NVFlare's default
             2 s; a simulation on one machine gains seconds per round with 0.2).
         installed_code: the job carries no code: every site runs the fedoap package installed on it (the client
-            script is found through Python's import system by ``fedoap.fl.executor.FedOAPExecutor``, which runs
+            script is found through Python's import system by ``fedoap.site.executor.FedOAPExecutor``, which runs
             nothing else), so the job is not bring-your-own-code and the sites' class allow-lists must list fedoap's
             classes (``poc_workspace/local/resources.json``). False (the simulator):
             NVFlare copies the modules the job's components come from into the job.

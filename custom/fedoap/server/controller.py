@@ -18,7 +18,7 @@ averaging (Wang et al., NeurIPS 2020: ``x - tau_eff * sum_k p_k (x - x_k) / tau_
 the client vectors, carried from round to round) and ``"fedlws"`` (layer-wise shrinking of the mean), both in clear
 too; ``"none"`` for a method that shares nothing (local-only training): the rounds still pace the sites' training
 and collect their metrics, but the server broadcasts an empty parameter set, aggregates nothing and saves no
-checkpoint. The arithmetic of each rule lives in ``fedoap.fl.aggregation`` (and the modules its ``SERVER_RULES`` name).
+checkpoint. The arithmetic of each rule lives in ``fedoap.server.aggregation`` (and the modules its ``SERVER_RULES`` name).
 """
 
 from __future__ import annotations
@@ -30,35 +30,23 @@ import numpy as np
 import torch
 from typing import Any, Optional
 
-from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.model_controller import ModelController
 
-from fedoap.fl.aggregation import PLAINTEXT_RULES, SERVER_RULES as AGGREGATION_RULES, UpdateRejected, make_aggregator
-from fedoap.fl.aggregation import payload_bytes
+from fedoap.server.aggregation import PLAINTEXT_RULES, SERVER_RULES as AGGREGATION_RULES, UpdateRejected, make_aggregator
+from fedoap.server.aggregation import payload_bytes
 from fedoap.jsonio import write_json
+from fedoap.protocol import (AGGREGATION_WEIGHT_KEY, HISTORY_FILE, NUM_SAMPLES_KEY, NUM_STEPS_KEY, PERSONALIZE_TASK,
+                             SITE_STATISTICS_KEY, TRAIN_TASK)
 
-__all__ = ["SharedParamsFedAvg", "HISTORY_FILE", "TRAIN_TASK", "PERSONALIZE_TASK", "SERVER_RULES", "NUM_SAMPLES_KEY",
-           "AGGREGATION_WEIGHT_KEY", "NUM_STEPS_KEY", "SITE_STATISTICS_KEY", "ENCRYPTED_CHECKPOINT",
-           "encrypted_checkpoint_bytes", "load_encrypted_checkpoint"]
+__all__ = ["SharedParamsFedAvg", "SERVER_RULES", "ENCRYPTED_CHECKPOINT", "encrypted_checkpoint_bytes",
+           "load_encrypted_checkpoint"]
 
-HISTORY_FILE = "fedoap_history.json"
 #: the server's checkpoint under HE (ciphertext only), in its app folder: safetensors, no pickle
 ENCRYPTED_CHECKPOINT = "FL_global_model_encrypted.safetensors"
 #: recorded in the encrypted checkpoint's safetensors metadata, with the round
 ENCRYPTED_CHECKPOINT_FORMAT = "fedoap-he-checkpoint/1"
-TRAIN_TASK = "train"
-PERSONALIZE_TASK = "personalize"
-#: meta key with which a client reports its number of training samples (the aggregation weight unless it reports one)
-NUM_SAMPLES_KEY = "n_samples"
-#: meta key with which a client reports its aggregation weight (samples, or steps for FedGS); n_samples if absent
-AGGREGATION_WEIGHT_KEY = "aggregation_weight"
-#: meta key (NVFlare's Client API) with the number of local steps of the round (FedNova's tau_k)
-NUM_STEPS_KEY = FLMetaKey.NUM_STEPS_CURRENT_ROUND
-#: meta key with which a site reports the statistics its method shares (FedRDN), and with which the server forwards
-#: the latest statistics of every site with each task
-SITE_STATISTICS_KEY = "site_statistics"
-#: server rules this controller implements: those of ``fedoap.fl.aggregation.SERVER_RULES`` (weighted mean,
+#: server rules this controller implements: those of ``fedoap.server.aggregation.SERVER_RULES`` (weighted mean,
 #: FedNova, ...), or ``"none"`` (nothing shared)
 SERVER_RULES = (*AGGREGATION_RULES, "none")
 
@@ -269,7 +257,7 @@ class SharedParamsFedAvg(ModelController):
                 return aggregator
 
             return new_round
-        from fedoap.fl.encrypted_aggregation import EncryptedSumAggregator
+        from fedoap.server.encrypted_aggregation import EncryptedSumAggregator
         from fedoap.privacy.contexts import find_context_file
         from fedoap.privacy.he import load_context
 

@@ -1,6 +1,6 @@
 """Server arithmetic for personalized FL over the shared parameters only: a weighted average (FedAvg), and FedNova's
 normalized average; the registry of every rule (:data:`SERVER_RULES`; FedAWA's and FedLWS's aggregators live in
-``fedoap.fl.fedawa_aggregation`` and ``fedoap.fl.fedlws_aggregation``).
+``fedoap.server.fedawa_aggregation`` and ``fedoap.server.fedlws_aggregation``).
 
 Kept apart from the workflow (as NVFlare keeps ``WeightedAggregationHelper`` apart from ``FedAvg``) so that the rules
 are unit-tested without a running federation: keys outside the shared set are dropped and reported, and an update
@@ -196,9 +196,9 @@ class ServerRule:
 SERVER_RULES: dict[str, ServerRule] = {
     "weighted_mean": ServerRule(f"{__name__}.SharedParamsAggregator"),
     "fednova": ServerRule(f"{__name__}.FedNovaAggregator", reference="broadcast", plaintext=True),
-    "fedawa": ServerRule("fedoap.fl.fedawa_aggregation.FedAWAAggregator", reference="broadcast", plaintext=True,
+    "fedawa": ServerRule("fedoap.server.fedawa_aggregation.FedAWAAggregator", reference="broadcast", plaintext=True,
                          stateful=True),
-    "fedlws": ServerRule("fedoap.fl.fedlws_aggregation.FedLWSAggregator", reference="broadcast", plaintext=True),
+    "fedlws": ServerRule("fedoap.server.fedlws_aggregation.FedLWSAggregator", reference="broadcast", plaintext=True),
 }
 #: rules that need the global model in clear on the server (refused under homomorphic encryption)
 PLAINTEXT_RULES = frozenset(name for name, rule in SERVER_RULES.items() if rule.plaintext)

@@ -3,7 +3,7 @@
 Every job is exported with ``installed_code=True``: it carries no code (no ``app/custom/``), every site runs the
 fedoap package installed on it, so a submitter needs no bring-your-own-code right and each site's class allow-list
 (``poc_workspace/local/resources.json``) decides what may run. No job names a data path: each site reads its own
-from ``local/fedoap_site.json`` (``fedoap.fl.site_config``). ``byoc=True`` writes the same jobs with the whole
+from ``local/fedoap_site.json`` (``fedoap.site.site_config``). ``byoc=True`` writes the same jobs with the whole
 package in ``app/custom/`` (bring-your-own-code); those are not committed. Measured in POC: on a site with fedoap
 installed (which its privacy filter needs), a BYOC job's client script runs from the job, but the modules it imports
 come from the installed package (already imported for the filter, and ahead of the job's folder on ``sys.path``).
@@ -75,7 +75,7 @@ def build_recipe(name: str, settings: JobSettings = JobSettings()):
     Raises:
         ValueError: an unknown job name, or a method the registry does not have.
     """
-    from fedoap.fl.recipe import FedOAPRecipe
+    from fedoap.deploy.recipe import FedOAPRecipe
     from fedoap.simulation import unet_model_args
 
     if name not in JOBS:

@@ -4,14 +4,14 @@ NVFlare's ``ClientAPIExecutor`` runs whatever a job names: any ``task_script_pat
 ``command`` (NVFlare's own default class allow-list leaves it out for that reason). A site that allow-listed it, or a
 prefix admitting a subclass that passes its arguments through, would run arbitrary code for anyone allowed to submit
 a job without bring-your-own-code rights. :class:`FedOAPExecutor` therefore takes no script path, command or execution
-mode at all: it always runs ``fedoap/fl/client.py`` in-process (from the job's ``custom/`` folder in a
+mode at all: it always runs ``fedoap/site/client.py`` in-process (from the job's ``custom/`` folder in a
 bring-your-own-code job, else from the package installed on the site), and refuses with a ``ValueError`` naming the
 argument any job that tries to set one of them. In a deployed site (not the simulator) it also refuses the client
 script's data-folder options: there the data folders come only from the site's own configuration
 (``local/fedoap_site.json``). The same checks run earlier, when the job is deployed, through the site's app validator
-(``fedoap.fl.app_validator``), so a refused job never starts and ``nvflare job meta`` says why.
+(``fedoap.site.app_validator``), so a refused job never starts and ``nvflare job meta`` says why.
 
-:class:`FedOAPScriptRunner` puts the executor into a job (``FedOAPRecipe(installed_code=True)``).
+:class:`fedoap.deploy.recipe.FedOAPScriptRunner` puts the executor into a job.
 """
 
 from __future__ import annotations
@@ -25,13 +25,12 @@ from nvflare.apis.fl_constant import FLContextKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.executors.client_api_executor import ClientAPIExecutor, ExecutionMode
 from nvflare.client.config import ExchangeFormat, TransferType
-from nvflare.job_config.script_runner import ScriptRunner
 
-__all__ = ["FedOAPExecutor", "FedOAPScriptRunner", "CLIENT_SCRIPT", "DATA_OPTIONS", "ALLOWED_ARGS",
+__all__ = ["FedOAPExecutor", "CLIENT_SCRIPT", "DATA_OPTIONS", "ALLOWED_ARGS",
            "resolve_client_script", "job_data_options", "refused_args"]
 
 #: the one script the executor runs, relative to the Python import roots (and to a BYOC job's custom folder)
-CLIENT_SCRIPT = "fedoap/fl/client.py"
+CLIENT_SCRIPT = "fedoap/site/client.py"
 #: client-script options that point at data folders: accepted only in the simulator
 DATA_OPTIONS = ("--data-root", "--unseen-dir", "--pool-sites")
 #: the executor arguments a job may set; everything else (script path, command, execution mode, launch and attach
@@ -84,16 +83,16 @@ def refused_args(args: dict[str, Any], simulate: bool = False) -> Optional[str]:
 
 def resolve_client_script(custom_dir: Optional[str] = None) -> str:
     """Where :data:`CLIENT_SCRIPT` lives on this site: under the job's ``custom/`` folder in a bring-your-own-code
-    job (NVFlare finds it there by this relative path), else the file of the installed ``fedoap.fl.client``.
+    job (NVFlare finds it there by this relative path), else the file of the installed ``fedoap.site.client``.
 
     Raises:
         ValueError: fedoap is not installed here and the job carries no copy.
     """
     if custom_dir and os.path.isfile(os.path.join(custom_dir, CLIENT_SCRIPT)):
         return CLIENT_SCRIPT
-    spec = importlib.util.find_spec("fedoap.fl.client")
+    spec = importlib.util.find_spec("fedoap.site.client")
     if spec is None or not spec.origin or not os.path.isfile(spec.origin):
-        raise ValueError("fedoap.fl.client is not importable on this site: install the package (pip install fedoap)")
+        raise ValueError("fedoap.site.client is not importable on this site: install the package (pip install fedoap)")
     return spec.origin
 
 
@@ -152,24 +151,3 @@ class FedOAPExecutor(ClientAPIExecutor):
                 self.system_panic(reason, fl_ctx)
                 return
         super().handle_event(event_type, fl_ctx)
-
-
-class FedOAPScriptRunner(ScriptRunner):
-    """``ScriptRunner`` that adds a :class:`FedOAPExecutor` and copies no script into the job."""
-
-    def add_to_fed_job(self, job, ctx, **kwargs):
-        job.check_kwargs(args_to_check=kwargs, args_expected={"tasks": False})
-        if self._execution_mode != ExecutionMode.IN_PROCESS:
-            raise ValueError("FedOAPScriptRunner runs the client script in-process only")
-        if self._script != CLIENT_SCRIPT:
-            raise ValueError(f"FedOAPScriptRunner runs {CLIENT_SCRIPT} only, got {self._script!r}")
-        executor = FedOAPExecutor(
-            task_script_args=self._script_args,
-            params_exchange_format=self._params_exchange_format,
-            server_expected_format=self._server_expected_format,
-            params_transfer_type=self._params_transfer_type,
-            memory_gc_rounds=self._memory_gc_rounds,
-            cuda_empty_cache=self._cuda_empty_cache,
-        )
-        job.add_executor(executor, tasks=kwargs.get("tasks", ["*"]), ctx=ctx)
-        return {}

@@ -7,9 +7,9 @@ plaintext, never to ciphertext. So :class:`SiteDPPolicy` is listed twice in ever
 
 1. as a **task-data filter** it writes the site's settings (clip norm ``C``, noise multiplier ``sigma``, ``delta``)
    into the meta of every task the site receives (:data:`SITE_DP_POLICY_KEY`); the client script
-   (``fedoap.fl.client``) applies clip-and-noise to the shared update with the stricter of the job's and the site's
-   settings (``fedoap.fl.site_privacy.stricter``), before encryption, and stamps the result
-   (``fedoap.fl.site_privacy.DP_STAMP_KEY``) with what it used;
+   (``fedoap.site.client``) applies clip-and-noise to the shared update with the stricter of the job's and the site's
+   settings (``fedoap.site.privacy.stricter``), before encryption, and stamps the result
+   (``fedoap.site.privacy.DP_STAMP_KEY``) with what it used;
 2. as a **task-result filter** it fails closed: a result that carries parameters without a stamp at least as strict
    as the policy (clip norm <= ``C``, noise multiplier >= ``sigma``, delta <= ``delta``), or that carries site
    statistics in clear, raises ``UnsafeJobError``: NVFlare then sends nothing of it and aborts the job on this site.
@@ -45,8 +45,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.fl_exception import UnsafeJobError
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable
 
-from fedoap.fl.controller import SITE_STATISTICS_KEY
-from fedoap.fl.site_privacy import DP_STAMP_KEY
+from fedoap.protocol import DP_STAMP_KEY, SITE_DP_BUDGET_KEY, SITE_DP_POLICY_KEY, SITE_STATISTICS_KEY
 from fedoap.privacy.dp import UpdateDPConfig
 from fedoap.privacy.ledger import (
     DP_SGD_UNITS,
@@ -59,13 +58,8 @@ from fedoap.privacy.ledger import (
     ledger_path,
 )
 
-__all__ = ["SiteDPPolicy", "SITE_DP_POLICY_KEY", "SITE_DP_BUDGET_KEY", "policy_from_meta", "budget_from_meta",
-           "check_stamp", "stamp_releases"]
+__all__ = ["SiteDPPolicy", "policy_from_meta", "budget_from_meta", "check_stamp", "stamp_releases"]
 
-#: task meta key under which the policy's settings reach the client script
-SITE_DP_POLICY_KEY = "fedoap_site_dp_policy"
-#: task meta key under which the scope's privacy budgets and what is left of them reach the client script
-SITE_DP_BUDGET_KEY = "fedoap_site_dp_budget"
 _TOLERANCE = 1e-9
 _STAMP_KEYS = frozenset({"clip_norm", "noise_multiplier", "delta", "releases"})
 _DP_SGD_KEY = "dp_sgd"

@@ -5,7 +5,7 @@ The order is fixed here, in one place: noise is always added to plaintext before
 and only the shared parameters the trainer hands over are ever encoded.
 
 A site may impose client-level DP on every job through its NVFlare privacy policy
-(``fedoap.fl.site_policy.SiteDPPolicy``): the policy arrives in the task's meta, :func:`stricter` combines it with the
+(``fedoap.site.policy.SiteDPPolicy``): the policy arrives in the task's meta, :func:`stricter` combines it with the
 job's own setting (smaller clip norm, larger noise multiplier, smaller delta), and every released update carries a
 stamp (:data:`DP_STAMP_KEY`, :meth:`SitePrivacy.stamp`) with the clip norm and noise multiplier actually used, which the
 policy's result filter checks before anything leaves the site.
@@ -20,11 +20,8 @@ import torch
 
 from fedoap.privacy.dp import UpdateDPAccountant, UpdateDPConfig, clip_and_noise
 
-__all__ = ["SitePrivacy", "DP_STAMP_KEY", "stricter", "public_metrics", "TRAINING_DATA_METRICS", "PUBLIC_DECIMALS"]
+__all__ = ["SitePrivacy", "stricter", "public_metrics", "TRAINING_DATA_METRICS", "PUBLIC_DECIMALS"]
 
-#: result meta key: the client-level DP actually applied to the released update ({"clip_norm", "noise_multiplier",
-#: "delta"}), checked by the site's privacy policy filter
-DP_STAMP_KEY = "fedoap_update_dp"
 
 
 #: metrics computed on the training data, which no DP accountant covers: never sent when DP is on
