@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fedoap.files import PRIVATE_FILE_MODE, make_private_dir, write_atomic
 
 __all__ = ["to_jsonable", "to_json_text", "write_json"]
 
@@ -46,33 +47,13 @@ def write_json(path: str | os.PathLike, data: Any, *, private: bool = False) -> 
     wins).
 
     Args:
-        private: write an owner-only (0600) file (:func:`fedoap.privacy.at_rest.write_private`), for results that
-            describe a site's patients; otherwise the file gets the usual mode (0666 less the umask).
+        private: write an owner-only (0600) file in a folder created 0700, for results that describe a site's
+            patients; otherwise the usual mode (0666 less the umask).
     """
     text = to_json_text(data).encode("utf-8")
-    if private:  # imported here: fedoap.privacy loads TenSEAL and Opacus, which a report writer need not
-        from fedoap.privacy.at_rest import write_private
-
-        return write_private(path, text)
     path = Path(path)
+    if private:
+        make_private_dir(path.parent)
+        return write_atomic(path, text, PRIVATE_FILE_MODE)
     path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-        try:  # O_EXCL: a name another writer took is never reused; 0o666 lets the umask decide, as open() would
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        break
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fd = -1
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, text, mode=None)

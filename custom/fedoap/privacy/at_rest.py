@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from fedoap.files import PRIVATE_FILE_MODE, make_private_dir, write_atomic
 
 __all__ = [
     "AT_REST_KEY_FILE",
@@ -61,8 +62,6 @@ _VERSION = 1
 _HEADER = _MAGIC + bytes([_VERSION])
 _NONCE_BYTES = 12
 _TAG_BYTES = 16
-_FILE_MODE = 0o600
-_DIR_MODE = 0o700
 
 
 class AtRestError(ValueError):
@@ -72,38 +71,6 @@ class AtRestError(ValueError):
 # ------------------------------------------------------------------------------------------------- owner-only files
 
 
-def make_private_dir(path: str | os.PathLike) -> Path:
-    """Create the folder and any missing parent as 0700 (the umask cannot widen it); existing folders are left as
-    they are."""
-    path = Path(path)
-    missing = []
-    for folder in (path, *path.parents):
-        if folder.is_dir():
-            break
-        missing.append(folder)
-    for folder in reversed(missing):
-        try:
-            os.mkdir(folder, _DIR_MODE)
-        except FileExistsError:  # another writer made it first: its mode is its own
-            continue
-        os.chmod(folder, _DIR_MODE)
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable; some file systems cannot open or sync a folder, which only weakens durability."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _as_bytes(name: str, data: object) -> bytes:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ValueError(f"{name} must be bytes, got {type(data).__name__}")
@@ -111,11 +78,8 @@ def _as_bytes(name: str, data: object) -> bytes:
 
 
 def write_private(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` as an owner-only (0600) file, atomically.
-
-    The bytes go to a unique temporary file next to ``path`` (created 0600), are fsync'ed, and the temporary file is
-    renamed over ``path``. A missing parent folder is created 0700. On any error the temporary file is removed and a
-    file already at ``path`` is left as it was.
+    """Write ``data`` to ``path`` as an owner-only (0600) file, atomically (:func:`fedoap.files.write_atomic`); a
+    missing parent folder is created 0700.
 
     Raises:
         ValueError: ``data`` is not bytes.
@@ -124,25 +88,7 @@ def write_private(path: str | os.PathLike, data: bytes) -> Path:
     data = _as_bytes("data", data)
     path = Path(path)
     make_private_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600 already; a restrictive umask must not make it 0400
-        with os.fdopen(fd, "wb") as f:
-            fd = -1  # the file object owns it now
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return write_atomic(path, data, PRIVATE_FILE_MODE)
 
 
 # --------------------------------------------------------------------------------------------------------- the key
@@ -162,12 +108,12 @@ def create_key(path: str | os.PathLike) -> Path:
     path = Path(path)
     make_private_dir(path.parent)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
     except FileExistsError:
         raise AtRestError(f"at-rest key file {path} already exists; refusing to overwrite it (files encrypted with "
                           "it could no longer be read)") from None
     try:
-        os.fchmod(fd, _FILE_MODE)
+        os.fchmod(fd, PRIVATE_FILE_MODE)
         os.write(fd, os.urandom(KEY_BYTES))
         os.fsync(fd)
     except BaseException:

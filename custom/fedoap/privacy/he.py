@@ -41,6 +41,8 @@ from typing import Any, Mapping, Sequence, Union
 import numpy as np
 import tenseal as ts
 
+from fedoap.files import write_atomic
+
 __all__ = [
     "SERVER_CONTEXT_FILE",
     "CLIENT_CONTEXT_FILE",
@@ -80,7 +82,6 @@ _MAX_COEFF_BITS_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 327
 _MIN_SCALE_BITS = 14
 
 ContextLike = Union[ts.Context, bytes]
-
 
 @dataclass(frozen=True)
 class HEConfig:
@@ -169,9 +170,7 @@ class HEConfig:
             d["coeff_mod_bit_sizes"] = tuple(d["coeff_mod_bit_sizes"])
         return cls(**d)
 
-
 # ----------------------------------------------------------------------------------------------------- contexts
-
 
 def create_contexts(config: HEConfig = HEConfig()) -> tuple[bytes, bytes]:
     """A fresh key pair as serialized TenSEAL contexts: ``(server_context, client_context)``.
@@ -190,12 +189,8 @@ def create_contexts(config: HEConfig = HEConfig()) -> tuple[bytes, bytes]:
     keys = {"save_public_key": False, "save_galois_keys": False, "save_relin_keys": False}
     return ctx.serialize(save_secret_key=False, **keys), ctx.serialize(save_secret_key=True, **keys)
 
-
 def _write_new(path: Path, data: bytes, mode: int) -> None:
-    from fedoap.privacy.he_keys import write_atomic  # a unique temp file with ``mode`` set whatever the umask
-
-    write_atomic(path, data, mode)
-
+    write_atomic(path, data, mode)  # a unique temp file with ``mode`` set whatever the umask
 
 def write_contexts(
     out_dir: str | os.PathLike, config: HEConfig = HEConfig(), overwrite: bool = False
@@ -226,7 +221,6 @@ def write_contexts(
     _write_new(client_path, client, 0o600)
     return server_path, client_path
 
-
 def load_context(path: str | os.PathLike) -> ts.Context:
     """Read a serialized TenSEAL context.
 
@@ -243,7 +237,6 @@ def load_context(path: str | os.PathLike) -> ts.Context:
     except Exception as err:  # TenSEAL raises ValueError/RuntimeError from C++
         raise ValueError(f"{path} is not a valid TenSEAL context ({len(data)} bytes): {err}") from err
 
-
 def _as_context(context: ContextLike) -> ts.Context:
     if isinstance(context, ts.Context):
         return context
@@ -254,21 +247,17 @@ def _as_context(context: ContextLike) -> ts.Context:
             raise ValueError(f"bytes given as context are not a serialized TenSEAL context: {err}") from err
     raise TypeError(f"context must be a tenseal.Context or its serialized bytes, got {type(context).__name__}")
 
-
 def _slot_count(ctx: ts.Context) -> int:
     return ctx.data.seal_context().first_context_data().parms().poly_modulus_degree() // 2
-
 
 def _max_abs_sum(ctx: ts.Context) -> float:
     """:attr:`HEConfig.max_abs_sum` of a context: a quarter of the smallest modulus of that many bits, unscaled."""
     bits = ctx.data.seal_context().first_context_data().total_coeff_modulus_bit_count()
     return 2.0 ** (bits - 2) / ctx.global_scale
 
-
 def _check_tolerance(ctx: ts.Context) -> float:
     """Allowed error of the check slot: 16x the measured noise of 30 summed ciphertexts (grows as sqrt(count))."""
     return 2.0**16 / ctx.global_scale
-
 
 def _can_encrypt(ctx: ts.Context) -> bool:
     if ctx.has_secret_key():
@@ -278,9 +267,7 @@ def _can_encrypt(ctx: ts.Context) -> bool:
     except ValueError:  # symmetric context without the secret key
         return False
 
-
 # ------------------------------------------------------------------------------------------------------ packing
-
 
 @dataclass
 class PackedLayout:
@@ -319,7 +306,6 @@ class PackedLayout:
         except (ValueError, TypeError, KeyError) as err:
             raise ValueError(f"not a packed-layout JSON: {err}") from err
 
-
 def _to_numpy(key: str, value: Any) -> np.ndarray:
     if hasattr(value, "detach"):  # torch.Tensor, without importing torch here
         value = value.detach().cpu()
@@ -332,7 +318,6 @@ def _to_numpy(key: str, value: Any) -> np.ndarray:
             "shared set"
         )
     return arr
-
 
 def pack(params: Mapping[str, Any]) -> tuple[np.ndarray, PackedLayout]:
     """Flatten all tensors (numpy arrays or torch tensors) into one float64 vector, keys sorted.
@@ -351,7 +336,6 @@ def pack(params: Mapping[str, Any]) -> tuple[np.ndarray, PackedLayout]:
     flat = np.concatenate([a.ravel().astype(np.float64, copy=False) for a in arrays])
     return flat, layout
 
-
 def unpack(flat: np.ndarray, layout: PackedLayout) -> dict[str, np.ndarray]:
     """Split a packed vector back into float32 tensors.
 
@@ -367,9 +351,7 @@ def unpack(flat: np.ndarray, layout: PackedLayout) -> dict[str, np.ndarray]:
         start += size
     return out
 
-
 # --------------------------------------------------------------------------------------------------- encryption
-
 
 @dataclass
 class EncryptedUpdate:
@@ -406,7 +388,6 @@ class EncryptedUpdate:
         """Ciphertext bytes (what dominates the upload)."""
         return sum(len(c) for c in self.ciphertexts)
 
-
 def encrypt_update(params: Mapping[str, Any], weight: float, context: ContextLike) -> EncryptedUpdate:
     """Client side: pack, multiply by ``weight`` (before encryption, so the server need not multiply), encrypt.
 
@@ -440,7 +421,6 @@ def encrypt_update(params: Mapping[str, Any], weight: float, context: ContextLik
     chunks = [ts.ckks_vector(ctx, vector[i : i + slots]).serialize() for i in range(0, vector.size, slots)]
     return EncryptedUpdate(ciphertexts=chunks, layout=layout, weight=float(weight), n_values=n_values)
 
-
 def _check_same_shape(updates: Sequence[EncryptedUpdate]) -> None:
     first = updates[0]
     for i, u in enumerate(updates[1:], start=1):
@@ -460,7 +440,6 @@ def _check_same_shape(updates: Sequence[EncryptedUpdate]) -> None:
                 f"update {i} has {len(u.ciphertexts)} ciphertext chunks, update 0 has {len(first.ciphertexts)} "
                 "(different CKKS slot counts?)"
             )
-
 
 def add_encrypted(updates: Sequence[EncryptedUpdate], server_context: ContextLike) -> EncryptedUpdate:
     """Server side: the chunk-wise sum of the clients' ciphertexts, and the sum of their (clear) weights.
@@ -497,7 +476,6 @@ def add_encrypted(updates: Sequence[EncryptedUpdate], server_context: ContextLik
         count=sum(u.count for u in updates),
     )
 
-
 def decrypt_average(aggregate: EncryptedUpdate, client_context: ContextLike) -> dict[str, np.ndarray]:
     """Client side: decrypt the sum, divide by the summed weight, unpack into float32 tensors.
 
@@ -529,7 +507,6 @@ def decrypt_average(aggregate: EncryptedUpdate, client_context: ContextLike) -> 
         )
     return unpack(total[:-1] / aggregate.weight, aggregate.layout)
 
-
 def encrypt_per_layer(params: Mapping[str, Any], context: ContextLike) -> list[bytes]:
     """Baseline for benchmarks: NVFlare's ``HEModelEncryptor`` layout, one CKKS vector per tensor.
 
@@ -546,9 +523,7 @@ def encrypt_per_layer(params: Mapping[str, Any], context: ContextLike) -> list[b
             out.append(ts.ckks_vector(ctx, values[i : i + slots]).serialize())
     return out
 
-
 # ---------------------------------------------------------------------------------------------------- transport
-
 
 def to_params(update: EncryptedUpdate) -> dict[str, np.ndarray]:
     """An encrypted update as numpy arrays for ``FLModel.params``.
@@ -572,11 +547,9 @@ def to_params(update: EncryptedUpdate) -> dict[str, np.ndarray]:
     out[_WEIGHT_KEY] = np.array([update.weight], dtype=np.float64)
     return out
 
-
 def is_encrypted(params: Mapping[str, Any]) -> bool:
     """Whether ``params`` carry an encrypted update made by :func:`to_params`."""
     return _HEADER_KEY in params
-
 
 def _as_array(key: str, value: Any) -> np.ndarray:
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -587,13 +560,11 @@ def _as_array(key: str, value: Any) -> np.ndarray:
         raise ValueError(f"{key!r} must be an array or tensor, got {type(value).__name__}")
     return value
 
-
 def _uint8_bytes(key: str, value: Any) -> bytes:
     arr = _as_array(key, value)
     if arr.dtype != np.uint8 or arr.ndim != 1:
         raise ValueError(f"{key!r} must be a 1-D uint8 array, got dtype {arr.dtype} and shape {arr.shape}")
     return arr.tobytes()
-
 
 def from_params(params: Mapping[str, Any]) -> EncryptedUpdate:
     """Inverse of :func:`to_params`; accepts numpy arrays, torch tensors or bytes.

@@ -25,12 +25,10 @@ initiating site saw the key before anyone else.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import secrets
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -40,6 +38,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from fedoap.files import write_atomic
 from fedoap.privacy.contexts import local_context_path
 from fedoap.privacy.he import HEConfig, create_contexts
 
@@ -52,7 +51,6 @@ __all__ = [
     "seal_bundle",
     "open_bundle",
     "key_id",
-    "write_atomic",
     "init_site",
     "join_site",
     "install_public",
@@ -169,31 +167,6 @@ def key_id(secret_context: bytes) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------- files
-
-
-def write_atomic(path: str | os.PathLike, data: bytes, mode: int) -> Path:
-    """Write ``data`` to ``path`` with ``mode`` whatever the umask: a unique temporary file (created 0600) in the same
-    folder, chmod, fsync, then ``os.replace``; a reader sees the old file or the whole new one, never a part."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    return path
 
 
 def _kit(folder: str | os.PathLike, role: str) -> Path:

@@ -35,7 +35,6 @@ import math
 import numbers
 import os
 import stat
-import tempfile
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -43,6 +42,8 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from opacus.accountants import RDPAccountant
+
+from fedoap.files import PRIVATE_FILE_MODE, write_atomic
 
 __all__ = [
     "LEDGER_FILE",
@@ -343,22 +344,7 @@ class PrivacyLedger:
 
     def _write(self, entries: list[dict[str, Any]]) -> None:
         text = json.dumps({"format": _FORMAT, "version": _VERSION, "releases": entries}, indent=1, allow_nan=False)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")  # 0600
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        folder = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)  # the rename itself survives a crash
-        finally:
-            os.close(folder)
+        write_atomic(self.path, (text + "\n").encode("utf-8"), PRIVATE_FILE_MODE)
 
     @staticmethod
     def _select(entries: list[dict[str, Any]], scope: Optional[str], unit: Optional[str]) -> list[dict[str, Any]]:
