@@ -20,7 +20,7 @@ SITES = ["good-1", "good-3", "nan", "shape"]
 
 def test_controller_averages_shared_keys_drops_and_rejects(tmp_path):
     job = BaseFedJob(name="ctl", initial_model=torch.nn.Linear(4, 2), min_clients=len(SITES))
-    job.to_server(SharedParamsFedAvg(num_rounds=2, min_clients=len(SITES), shared_keys=["weight"], method="test"))
+    job.to_server(SharedParamsFedAvg(num_rounds=2, min_clients=len(SITES), shared_keys=["weight"], method="fedavg"))
     job.to_clients(ScriptRunner(script=str(SCRIPT)))
     job.simulator_run(str(tmp_path / "ws"), clients=SITES, threads=len(SITES))
 
@@ -49,8 +49,7 @@ def test_controller_averages_shared_keys_drops_and_rejects(tmp_path):
 def test_controller_with_nothing_shared_only_paces_the_rounds(tmp_path):
     sites = ["good-1", "good-3"]
     job = BaseFedJob(name="ctl-none", initial_model=torch.nn.Linear(4, 2), min_clients=len(sites))
-    job.to_server(SharedParamsFedAvg(num_rounds=2, min_clients=len(sites), shared_keys=[], server_rule="none",
-                                     method="local"))
+    job.to_server(SharedParamsFedAvg(num_rounds=2, min_clients=len(sites), shared_keys=[], method="local"))
     job.to_clients(ScriptRunner(script=str(SCRIPT)))
     job.simulator_run(str(tmp_path / "ws"), clients=sites, threads=len(sites))
 
@@ -74,8 +73,7 @@ def test_controller_fednova_normalizes_by_the_reported_steps(tmp_path):
     torch.save(initial.state_dict(), ckpt)
     persistor = PTFileModelPersistor(model=torch.nn.Linear(4, 2), source_ckpt_file_full_name=str(ckpt))
     job = BaseFedJob(name="ctl-nova", initial_model=initial, min_clients=len(SITES), model_persistor=persistor)
-    job.to_server(SharedParamsFedAvg(num_rounds=2, min_clients=len(SITES), shared_keys=["weight"], method="fednova",
-                                     server_rule="fednova"))
+    job.to_server(SharedParamsFedAvg(num_rounds=2, min_clients=len(SITES), shared_keys=["weight"], method="fednova"))
     job.to_clients(ScriptRunner(script=str(SCRIPT)))
     job.simulator_run(str(tmp_path / "ws"), clients=SITES, threads=len(SITES))
 
@@ -97,17 +95,37 @@ def test_controller_fednova_normalizes_by_the_reported_steps(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"shared_keys": ["w"], "server_rule": "fednova", "he": True}, "'fednova' needs the global model in clear"),
-        ({"shared_keys": []}, "shared_keys is empty"),
-        ({"shared_keys": ["w"], "server_rule": "none"}, "shares nothing, but 1 shared key"),
-        ({"shared_keys": [], "server_rule": "none", "he": True}, "nothing to encrypt"),
-        ({"shared_keys": ["w"], "server_rule": "median"}, "server_rule must be one of"),
+        ({"shared_keys": ["w"], "method": "fednova", "he": True}, "'fednova' needs the global model in clear"),
+        ({"shared_keys": [], "method": "fedavg"}, "shared_keys is empty"),
+        ({"shared_keys": ["w"], "method": "local"}, "shares nothing, but 1 shared key"),
+        ({"shared_keys": [], "method": "local", "he": True}, "nothing to encrypt"),
+        ({"shared_keys": ["w"], "method": "median"}, "unknown method 'median'"),
+        ({"shared_keys": ["w"], "method": "median-test"}, "server_rule must be a ServerRule class"),
+        ({"shared_keys": ["w"], "method": "fedawa", "method_args": {"server_epochs": 0}}, "server_epochs"),
     ],
 )
-def test_the_shared_set_must_fit_the_server_rule(kwargs, message):
+def test_the_shared_set_must_fit_the_server_rule(kwargs, message, monkeypatch):
+    from fedoap.methods import METHODS, FedAvg
+
+    class MedianAvg(FedAvg):  # a method that names a rule the way methods used to: as a string
+        name = "median-test"
+        server_rule = "coordinate_median"
+
+    monkeypatch.setitem(METHODS, MedianAvg.name, MedianAvg)
     with pytest.raises(ValueError, match=message):
         SharedParamsFedAvg(num_rounds=1, min_clients=1, **kwargs)
-    assert SharedParamsFedAvg(num_rounds=1, min_clients=1, shared_keys=[], server_rule="none").shared_keys == []
+    assert SharedParamsFedAvg(num_rounds=1, min_clients=1, shared_keys=[], method="local").shared_keys == []
+
+
+def test_constructor_arguments_are_stored_verbatim_for_the_job_export():
+    import inspect
+
+    args = {"num_rounds": 3, "min_clients": 2, "shared_keys": ["w"], "method": "fedawa",
+            "method_args": {"server_lr": 0.01}, "personalize": False, "he": False, "persistor_id": "p",
+            "task_timeout": 5}
+    controller = SharedParamsFedAvg(**args)
+    assert set(inspect.signature(SharedParamsFedAvg.__init__).parameters) - {"self"} == set(args)
+    assert all(getattr(controller, name) == value for name, value in args.items())
 
 
 class _Result:
@@ -120,22 +138,22 @@ class _Result:
 
 
 def test_the_reported_aggregation_weight_beats_the_sample_count_and_fednova_gets_the_steps():
-    from fedoap.server.aggregation import FedNovaAggregator, SharedParamsAggregator
+    from fedoap.server.rules import FedNovaRule, WeightedMean
 
-    controller = SharedParamsFedAvg(num_rounds=1, min_clients=2, shared_keys=["w"])
+    controller = SharedParamsFedAvg(num_rounds=1, min_clients=2, shared_keys=["w"], method="fedavg")
     results = [_Result("a", 1.0, {"n_samples": 100, "aggregation_weight": 1, "NUM_STEPS_CURRENT_ROUND": 4}),
                _Result("b", 4.0, {"n_samples": 100, "NUM_STEPS_CURRENT_ROUND": 2})]  # no weight: n_samples
-    agg = SharedParamsAggregator({"w": np.zeros(2)})
+    agg = WeightedMean({"w": np.zeros(2)})
     record = controller._aggregate_round(0, agg, results)
     np.testing.assert_allclose(agg.result()["w"], (1 * 1.0 + 100 * 4.0) / 101)
     assert record["sites"]["a"]["n_samples"] == 100 and record["sites"]["a"]["aggregation_weight"] == 1
     assert record["sites"]["a"]["steps"] == 4
 
-    nova = SharedParamsFedAvg(num_rounds=1, min_clients=2, shared_keys=["w"], server_rule="fednova")
-    agg = FedNovaAggregator({"w": np.zeros(2)})
+    nova = SharedParamsFedAvg(num_rounds=1, min_clients=2, shared_keys=["w"], method="fednova")
+    agg = FedNovaRule({"w": np.zeros(2)})
     nova._aggregate_round(0, agg, [_Result("a", -4.0, {"n_samples": 1, "NUM_STEPS_CURRENT_ROUND": 2}),
                                    _Result("b", -1.0, {"n_samples": 1, "NUM_STEPS_CURRENT_ROUND": 1})])
     np.testing.assert_allclose(agg.result()["w"], -2.25)  # tau_eff 1.5 * mean(d = 2, 1); FedAvg: -2.5
-    record = nova._aggregate_round(0, FedNovaAggregator({"w": np.zeros(2)}),
+    record = nova._aggregate_round(0, FedNovaRule({"w": np.zeros(2)}),
                                    [_Result("a", 1.0, {"n_samples": 1})])  # no step count
     assert "number of local steps" in record["sites"]["a"]["rejected"]

@@ -16,11 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from fedoap.data import SliceSet
-from fedoap.server.aggregation import PLAINTEXT_RULES, SERVER_RULES, UpdateRejected, make_aggregator
 from fedoap.server.controller import SharedParamsFedAvg
-from fedoap.server.fedawa_aggregation import FedAWAAggregator
-from fedoap.server.fedlws_aggregation import FedLWSAggregator, layer_groups
-from fedoap.deploy.recipe import HE_RULES
+from fedoap.server.rules import FedAWARule, FedLWSRule, UpdateRejected, WeightedMean, check_rule, rule_for_job
+from fedoap.server.rules.fedlws import layer_groups
 from fedoap.losses import BCEDiceLoss
 from fedoap.methods import METHODS, FedAvg, FedAWA, FedLWS, FedRDN, get_method
 from fedoap.networks.site_normalized_net import INPUT_STATISTICS_KEYS, SiteNormalizedNet
@@ -32,11 +30,13 @@ TINY = {"channels": [2, 4, 4, 8], "bottleneck_channels": 8}
 
 def test_the_three_methods_are_registered_and_their_server_rules_need_plaintext():
     assert {"fedawa", "fedlws", "fedrdn"} <= set(METHODS)
-    assert FedAWA().server_rule == "fedawa" and FedLWS().server_rule == "fedlws"
-    assert FedRDN().server_rule == "weighted_mean"
-    for rule in ("fedawa", "fedlws"):
-        assert SERVER_RULES[rule].reference == "broadcast" and rule in PLAINTEXT_RULES and rule not in HE_RULES
-    assert SERVER_RULES["fedawa"].stateful and not SERVER_RULES["fedlws"].stateful
+    assert FedAWA().server_rule is FedAWARule and FedLWS().server_rule is FedLWSRule
+    assert FedRDN().server_rule is WeightedMean
+    for rule in (FedAWARule, FedLWSRule):
+        assert rule.reference == "broadcast" and not rule.linear
+        with pytest.raises(ValueError, match="needs the global model in clear"):
+            check_rule(rule, {}, ["w"], he=True)
+    assert FedAWARule(AWA_GLOBAL).state() == {"logits": {}} and FedLWSRule(LWS_GLOBAL).state() == {}
     model = FedAvg().build_model(TINY)
     for method in (FedAWA(), FedLWS()):  # FedAvg's sharing, loss and local training; nothing refused but HE
         assert method.shared_keys(model) == FedAvg().shared_keys(model)
@@ -55,8 +55,8 @@ AWA_SITES = {
 }
 
 
-def awa_round(sites=AWA_SITES, reference=AWA_GLOBAL, **args) -> FedAWAAggregator:
-    agg = FedAWAAggregator(reference, **args)
+def awa_round(sites=AWA_SITES, reference=AWA_GLOBAL, **args) -> FedAWARule:
+    agg = FedAWARule(reference, **args)
     for site, (params, weight) in sites.items():
         agg.add(site, params, weight)
     return agg
@@ -126,11 +126,11 @@ def test_fedawa_matches_an_independent_reimplementation_over_two_rounds(args):
     logit_init = kwargs.pop("logit_init", "weights")
     p = np.array([0.25, 0.25, 0.5])
     logits = p if logit_init == "weights" else np.log(p)
-    agg, reference, previous = None, AWA_GLOBAL, None
+    reference = AWA_GLOBAL
     sites = AWA_SITES
+    agg = FedAWARule(AWA_GLOBAL, **kwargs, gamma=gamma, logit_init=logit_init)  # one object for the job
     for _ in range(2):
-        agg = make_aggregator("fedawa", reference, AWA_GLOBAL,
-                              dict(kwargs, gamma=gamma, logit_init=logit_init), previous=previous)
+        agg.reset(reference)
         for site, (params, weight) in sites.items():
             agg.add(site, params, weight)
         out = agg.result()
@@ -143,13 +143,13 @@ def test_fedawa_matches_an_independent_reimplementation_over_two_rounds(args):
         np.testing.assert_allclose(np.concatenate([out["w"], out["b"]]), gamma * aggregate.numpy(), rtol=1e-6,
                                    atol=1e-7)
         # next round: the sites start from the new global model and move again (c now agrees more)
-        previous, reference = agg, out
+        reference = out
         sites = {"a": ({"w": out["w"] + [0.0, 0.05], "b": out["b"] + 0.1}, 1.0),
                  "b": ({"w": out["w"] + [0.02, 0.05], "b": out["b"]}, 1.0),
                  "c": ({"w": out["w"] + [0.0, 0.01], "b": out["b"] - 0.05}, 2.0)}
 
 
-def objective(agg: FedAWAAggregator, lam: np.ndarray) -> float:
+def objective(agg: FedAWARule, lam: np.ndarray) -> float:
     updates = np.stack([u.astype(np.float64) for u in agg._updates])
     mean = lam @ updates
     return float(lam @ np.linalg.norm(updates - mean, axis=1) + lam @ np.asarray(agg._distance))
@@ -177,24 +177,30 @@ def test_fedawa_regularizer_favours_the_site_that_stays_closer_to_the_global_mod
     assert agg.weights["near"] > 0.5 > agg.weights["far"]
 
 
-def test_fedawa_logits_carry_over_through_the_controller_factory_and_rounds_without_updates():
+def test_fedawa_logits_carry_over_through_the_controller_s_rule_and_rounds_without_updates():
     controller = SharedParamsFedAvg(num_rounds=3, min_clients=3, shared_keys=["w", "b"], method="fedawa",
-                                    server_rule="fedawa", rule_args=FedAWA(server_lr=0.01).server_rule_args())
-    new_round = controller._aggregator_factory(AWA_GLOBAL)
-    first = new_round(AWA_GLOBAL)
+                                    method_args={"server_lr": 0.01})
+    rule = controller._job_rule(AWA_GLOBAL)  # one object for the whole job, the method's arguments passed on
+    assert isinstance(rule, FedAWARule) and rule.server_lr == 0.01
+    rule.reset(AWA_GLOBAL)
     for site, (params, weight) in AWA_SITES.items():
-        first.add(site, params, weight)
-    out = first.result()
-    empty = new_round(out)  # a round in which no update was accepted: the logits pass through unchanged
-    assert empty.count == 0 and empty.state() == first.state()
-    third = new_round(out)
-    for site, (params, weight) in AWA_SITES.items():
-        third.add(site, params, weight)
-    third.result()
+        rule.add(site, params, weight)
+    out = rule.result()
+    first_logits, first_state = dict(rule.logits), rule.state()
+    rule.reset(out)  # a round in which no update was accepted: the logits pass through unchanged
+    assert rule.count == 0 and rule.state() == first_state
+    resumed = FedAWARule(out, server_lr=0.01)  # a rule restored from the state carries on the same way
+    resumed.load_state(first_state)
+    for third in (rule, resumed):
+        third.reset(out)
+        for site, (params, weight) in AWA_SITES.items():
+            third.add(site, params, weight)
+        third.result()
     # one step per round: this round aggregates with softmax of the logits the first round learned
-    carried = np.array([first.logits[s] for s in "abc"])
-    np.testing.assert_allclose([third.weights[s] for s in "abc"], np.exp(carried) / np.exp(carried).sum(), rtol=1e-12)
-    assert third.logits["c"] < first.logits["c"] < 0.5
+    carried = np.array([first_logits[s] for s in "abc"])
+    np.testing.assert_allclose([rule.weights[s] for s in "abc"], np.exp(carried) / np.exp(carried).sum(), rtol=1e-12)
+    assert rule.logits["c"] < first_logits["c"] < 0.5
+    assert resumed.weights == rule.weights and resumed.logits == rule.logits
 
 
 def test_fedawa_arguments_and_bad_updates():
@@ -203,15 +209,15 @@ def test_fedawa_arguments_and_bad_updates():
         with pytest.raises(ValueError, match=next(iter(bad))):
             FedAWA(**bad)
         with pytest.raises(ValueError, match=next(iter(bad))):
-            FedAWAAggregator(AWA_GLOBAL, **bad)
+            FedAWARule(AWA_GLOBAL, **bad)
     with pytest.raises(ValueError, match="state must be"):
-        FedAWAAggregator(AWA_GLOBAL, state={"logits": {"a": float("nan")}})
-    agg = FedAWAAggregator(AWA_GLOBAL)
+        FedAWARule(AWA_GLOBAL).load_state({"logits": {"a": float("nan")}})
+    agg = FedAWARule(AWA_GLOBAL)
     with pytest.raises(UpdateRejected, match="NaN or Inf"):
         agg.add("x", {"w": np.array([np.nan, 0.0]), "b": np.zeros(1)}, 1)
     assert agg.add("y", {"w": np.ones(2), "b": np.zeros(1), "head": np.ones(1)}, 1) == ["head"]
     with pytest.raises(ValueError, match="no client update"):
-        FedAWAAggregator(AWA_GLOBAL).result()
+        FedAWARule(AWA_GLOBAL).result()
 
 
 # -- FedLWS -----------------------------------------------------------------------------------------------------------
@@ -229,8 +235,8 @@ LWS_SITES = {  # weights 1 and 3: p = (1/4, 3/4)
 }
 
 
-def lws_round(**args) -> tuple[FedLWSAggregator, dict]:
-    agg = FedLWSAggregator(LWS_GLOBAL, **args)
+def lws_round(**args) -> tuple[FedLWSRule, dict]:
+    agg = FedLWSRule(LWS_GLOBAL, **args)
     for site, weight in (("a", 1), ("b", 3)):
         agg.add(site, {k: np.asarray(v, np.float32) for k, v in LWS_SITES[site].items()}, weight)
     return agg, agg.result()
@@ -270,13 +276,13 @@ def test_fedlws_with_every_key_a_layer_and_the_authors_defaults():
 
 def test_fedlws_server_args_reach_the_aggregator_and_are_checked():
     method = get_method("fedlws", beta=0.5, max_tau=0.3)
-    agg = make_aggregator("fedlws", LWS_GLOBAL, LWS_GLOBAL, method.server_rule_args())
+    agg = rule_for_job(method.server_rule, method.server_rule_args(), LWS_GLOBAL)
     assert (agg.beta, agg.min_tau, agg.max_tau, agg.layers) == (0.5, 0.01, 0.3, "module")
     for bad in ({"beta": -1.0}, {"min_tau": 0.3, "max_tau": 0.2}, {"layers": "bias"}):
         with pytest.raises(ValueError):
             FedLWS(**bad)
         with pytest.raises(ValueError):
-            FedLWSAggregator(LWS_GLOBAL, **bad)
+            FedLWSRule(LWS_GLOBAL, **bad)
 
 
 # -- FedRDN -----------------------------------------------------------------------------------------------------------

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedoap.server.aggregation import UpdateRejected
-from fedoap.server.encrypted_aggregation import EncryptedSumAggregator
+from fedoap.server.rules import EncryptedSum, UpdateRejected
 from fedoap.site.privacy import SitePrivacy
 from fedoap.networks import FedOAPNet
 from fedoap.privacy.dp import UpdateDPConfig
@@ -67,7 +66,7 @@ def test_server_sums_ciphertexts_into_the_weighted_mean(contexts, net):
     server_ctx, client_ctx = contexts
     assert not server_ctx.has_secret_key()
     glob = net.shared_state_dict()
-    agg = EncryptedSumAggregator(glob, server_ctx)
+    agg = EncryptedSum(glob, server_ctx)
     locals_, weights = [_trained(glob, s) for s in (0.1, -0.2, 0.3)], [10, 30, 5]
     for i, (local, w) in enumerate(zip(locals_, weights)):
         payload, _ = SitePrivacy(he_context=client_ctx).outgoing(local, glob, weight=w)
@@ -85,7 +84,7 @@ def test_server_sums_ciphertexts_into_the_weighted_mean(contexts, net):
 def test_server_rejects_plaintext_foreign_layouts_and_wrong_weights(contexts, net):
     server_ctx, client_ctx = contexts
     glob = net.shared_state_dict()
-    agg = EncryptedSumAggregator(glob, server_ctx)
+    agg = EncryptedSum(glob, server_ctx)
     with pytest.raises(UpdateRejected, match="plaintext update"):
         agg.add("a", glob, 5)
     partial = {k: v for k, v in list(glob.items())[1:]}

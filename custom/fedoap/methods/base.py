@@ -12,6 +12,8 @@ from typing import Any, Iterable, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
+from fedoap.server.rules import ServerRule, WeightedMean
+
 __all__ = ["FederatedMethod"]
 
 
@@ -25,9 +27,9 @@ class FederatedMethod(ABC):
 
     #: name used on the command line (``fedoap simulate --method NAME``)
     name: str = ""
-    #: how the server combines the shared parameters; the controller implements each rule it accepts
-    #: (``"weighted_mean"``, or ``"none"`` for a method that shares nothing)
-    server_rule: str = "weighted_mean"
+    #: how the server combines the shared parameters: a rule class of ``fedoap.server.rules``, which the controller
+    #: builds once per job with :meth:`server_rule_args` (``NoAggregation`` for a method that shares nothing)
+    server_rule: type[ServerRule] = WeightedMean
     #: True for the centralized reference only: one model trains on the union of every site's training split (the
     #: simulation runs it as a single site that reads every site's data: a real federation forbids this)
     pooled: bool = False
@@ -150,8 +152,9 @@ class FederatedMethod(ABC):
         every task once the server has some. By default nothing."""
 
     def server_rule_args(self) -> dict[str, Any]:
-        """Constructor arguments of the server rule's aggregator (JSON values, stored in the job's server config);
-        by default none. FedAWA and FedLWS pass their server-side hyperparameters here."""
+        """Constructor arguments of :attr:`server_rule` besides the reference (JSON values), checked by the rule
+        class (``server_rule.check_args``); by default none. FedAWA and FedLWS pass their server-side
+        hyperparameters here."""
         return {}
 
     def shared_payload(self, model: nn.Module, shared: dict[str, Tensor]) -> dict[str, Tensor]:

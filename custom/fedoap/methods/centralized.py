@@ -9,9 +9,9 @@ every method on the same slices. FL-MedSegBench reports centralized training as 
 tries to reach.
 
 How it runs on the same engine: the simulation starts one NVFlare site (``pooled``) whose client script reads every
-site's folder (``--pool-sites``); the server rule ``"none"`` combines nothing. That one process seeing every site's
-images is exactly what a real federation forbids: it exists for the comparison only, and it refuses HE and DP (there
-is no update leaving a site to protect).
+site's folder (``--pool-sites``); the null rule (``NoAggregation``) combines nothing. That one process seeing every
+site's images is exactly what a real federation forbids: it exists for the comparison only, and it refuses HE and DP
+(there is no update leaving a site to protect).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Optional
 from torch import nn
 
 from fedoap.methods.fedavg import FedAvg
+from fedoap.server.rules import NoAggregation
 
 __all__ = ["Centralized", "POOLED_SITE"]
 
@@ -29,10 +30,10 @@ POOLED_SITE = "pooled"
 
 
 class Centralized(FedAvg):
-    """Centralized reference as a method object: the pooled data, nothing shared, server rule ``"none"``."""
+    """Centralized reference as a method object: the pooled data, nothing shared, the null rule."""
 
     name = "centralized"
-    server_rule = "none"
+    server_rule = NoAggregation
     pooled = True
 
     def shared_keys(self, model: nn.Module) -> list[str]:

@@ -15,6 +15,7 @@ from torch import nn
 from fedoap.losses import BCEDiceLoss
 from fedoap.methods.base import FederatedMethod
 from fedoap.networks import FedOAPNet
+from fedoap.server.rules import WeightedMean
 
 __all__ = ["FedAvg"]
 
@@ -23,7 +24,7 @@ class FedAvg(FederatedMethod):
     """FedAvg as a method object: nothing is local."""
 
     name = "fedavg"
-    server_rule = "weighted_mean"
+    server_rule = WeightedMean
 
     def model_spec(self, model_args: dict[str, Any]) -> dict[str, Any]:
         return {"class_path": f"{FedOAPNet.__module__}.{FedOAPNet.__name__}", "args": dict(model_args)}

@@ -2,8 +2,8 @@
 
 Implements Shi, Zhao, Zhang, Zhou, Guo, Chang, "FedAWA: Adaptive Optimization of Aggregation Weights in Federated
 Learning Using Client Vectors", CVPR 2025 (arXiv 2503.15842), on the same backbone and sharing as FedAvg (FedOAPNet,
-every parameter shared). The sites train exactly as under FedAvg; the server (rule ``"fedawa"``,
-:class:`fedoap.server.fedawa_aggregation.FedAWAAggregator`) keeps one weight logit per site and, every round, takes a few
+every parameter shared). The sites train exactly as under FedAvg; the server (its rule
+:class:`fedoap.server.rules.FedAWARule`) keeps one weight logit per site and, every round, takes a few
 gradient steps on
 
     sum_k lambda_k ||tau_k - sum_j lambda_j tau_j||_2 + sum_k lambda_k (1 - cos(x, x_k)),   lambda = softmax(logits),
@@ -18,7 +18,7 @@ Choices the paper leaves open, fixed here (each a constructor argument, passed t
   ``"euc"``, the mean squared difference): we do as the code.
 - The optimizer of the logits: Adam, lr 1e-3, betas (0.5, 0.999), built afresh every round, ``server_epochs = 1``
   step per round; the logits themselves persist from round to round (the authors keep them in a global variable;
-  here the controller hands the previous round's aggregator state to the next).
+  here the rule object, which lives as long as the job, keeps them).
 - The logits start at the normalized sample weights ``p_k`` (so ``softmax(p)``, close to uniform, not ``p``):
   ``logit_init="weights"``; ``"log_weights"`` starts at FedAvg's weights exactly.
 - The weights that aggregate are those of the last step's forward pass, before its update (the authors' code; with
@@ -28,7 +28,7 @@ Choices the paper leaves open, fixed here (each a constructor argument, passed t
 - Client vectors cover every shared key (FedOAPNet has no buffers; the authors' code takes the parameters).
 
 Privacy: the server needs every site's parameters and the global model in clear, so homomorphic encryption is refused
-(the rule is ``plaintext``). Client-level DP of the update and DP-SGD compose with it (the server only post-processes
+(the rule is not ``linear``). Client-level DP of the update and DP-SGD compose with it (the server only post-processes
 what the sites send). The server holds all K updates of a round at once (K times the shared size in float32).
 """
 
@@ -36,14 +36,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedoap.server.fedawa_aggregation import check_fedawa_args
 from fedoap.methods.fedavg import FedAvg
+from fedoap.server.rules import FedAWARule
 
 __all__ = ["FedAWA"]
 
 
 class FedAWA(FedAvg):
-    """FedAWA as a method object: FedAvg's sharing, loss and local training; the server rule ``"fedawa"``.
+    """FedAWA as a method object: FedAvg's sharing, loss and local training; the server rule
+    :class:`~fedoap.server.rules.FedAWARule`.
 
     Args:
         server_epochs: descent steps on the weight logits per round (authors: 1).
@@ -55,11 +56,11 @@ class FedAWA(FedAvg):
         aggregate_with: ``"last_forward"`` or ``"updated"``.
 
     Raises:
-        ValueError: an invalid argument (see :func:`fedoap.server.fedawa_aggregation.check_fedawa_args`).
+        ValueError: an invalid argument (see :meth:`fedoap.server.rules.FedAWARule.check_args`).
     """
 
     name = "fedawa"
-    server_rule = "fedawa"
+    server_rule = FedAWARule
 
     def __init__(
         self,
@@ -71,7 +72,6 @@ class FedAWA(FedAvg):
         logit_init: str = "weights",
         aggregate_with: str = "last_forward",
     ) -> None:
-        check_fedawa_args(server_epochs, server_lr, server_optimizer, reg_distance, gamma, logit_init, aggregate_with)
         self.server_epochs = server_epochs
         self.server_lr = server_lr
         self.server_optimizer = server_optimizer
@@ -79,6 +79,7 @@ class FedAWA(FedAvg):
         self.gamma = gamma
         self.logit_init = logit_init
         self.aggregate_with = aggregate_with
+        self.server_rule.check_args(**self.server_rule_args())  # fail here, before any site starts
 
     def server_rule_args(self) -> dict[str, Any]:
         return {"server_epochs": self.server_epochs, "server_lr": self.server_lr,

@@ -17,9 +17,9 @@ the Adam step scaled by the batch's ``p`` (:class:`GradientScaledAdamW`). The se
 
 How it maps onto our one trainer and one controller. The site sends ``x - U_k`` as its (full) shared parameters and
 reports its step count as its aggregation weight (``weight_by = "steps"``); the server's step-weighted mean of these
-"virtual" parameters is exactly ``x - sum_k w_k U_k``. So FedGS runs under the plain ``"weighted_mean"`` rule, and
-composes with homomorphic encryption (a weighted sum) and with client-level DP of the update (which clips and noises
-``U_k``, the difference to the global model).
+"virtual" parameters is exactly ``x - sum_k w_k U_k``. So FedGS runs under the plain weighted mean
+(``WeightedMean``), and composes with homomorphic encryption (a weighted sum) and with client-level DP of the update
+(which clips and noises ``U_k``, the difference to the global model).
 
 Choices the paper leaves open, fixed here (each an argument):
 
@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from fedoap.methods.fedavg import FedAvg
+from fedoap.server.rules import WeightedMean
 
 __all__ = ["FedGS", "GradientScaledAdamW", "small_lesion_factor"]
 
@@ -176,7 +177,7 @@ class GradientScaledAdamW(torch.optim.AdamW):
 
 class FedGS(FedAvg):
     """FedGS as a method object: FedAvg's sharing and loss; a small-lesion factor scales each step's share of the
-    sent update; sites send ``x_global - U`` and weigh by step counts under the ``"weighted_mean"`` rule.
+    sent update; sites send ``x_global - U`` and weigh by step counts under the weighted mean (``WeightedMean``).
 
     Args:
         log_base: ``l`` of the factor (> 1); default 1000 (the authors' value for LiTS CT tumors).
@@ -190,7 +191,7 @@ class FedGS(FedAvg):
     """
 
     name = "fedgs"
-    server_rule = "weighted_mean"
+    server_rule = WeightedMean
     weight_by = "steps"
 
     def __init__(

@@ -2,8 +2,8 @@
 
 Implements Shi, Li, Zhao, Guo, Chang, "FedLWS: Federated Learning with Adaptive Layer-wise Weight Shrinking", ICLR
 2025 (arXiv 2503.15111), on the same backbone and sharing as FedAvg (FedOAPNet, every parameter shared). The sites
-train exactly as under FedAvg; the server (rule ``"fedlws"``, :class:`fedoap.server.fedlws_aggregation.FedLWSAggregator`)
-multiplies each layer of the sample-weighted mean ``m`` by
+train exactly as under FedAvg; the server (its rule :class:`fedoap.server.rules.FedLWSRule`) multiplies each layer
+of the sample-weighted mean ``m`` by
 
     gamma_l = ||x_l|| / (||x_l|| + tau_l ||m_l - x_l||),
     tau_l   = clip(beta * mean_k ||u_k,l - mean_j u_j,l||, min_tau, max_tau),
@@ -15,10 +15,10 @@ Choices the paper leaves open, fixed here (constructor arguments, passed to the 
 :meth:`server_rule_args`; the defaults are the authors' code's): ``beta = 0.03``, ``min_tau = 0.01``,
 ``max_tau = 0.2``; a "layer" is a module's keys (its weight and bias, the layers the authors' walk over the state
 dict forms; ``layers="key"``: every key), and a layer whose global norm is zero is not shrunk. See
-``fedoap.server.fedlws_aggregation`` for the details.
+``fedoap.server.rules.fedlws`` for the details.
 
 Privacy: the server needs every site's parameters and the global model in clear, so homomorphic encryption is refused
-(the rule is ``plaintext``). Client-level DP of the update and DP-SGD compose with it (the server only post-processes
+(the rule is not ``linear``). Client-level DP of the update and DP-SGD compose with it (the server only post-processes
 what the sites send).
 """
 
@@ -26,14 +26,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedoap.server.fedlws_aggregation import check_fedlws_args
 from fedoap.methods.fedavg import FedAvg
+from fedoap.server.rules import FedLWSRule
 
 __all__ = ["FedLWS"]
 
 
 class FedLWS(FedAvg):
-    """FedLWS as a method object: FedAvg's sharing, loss and local training; the server rule ``"fedlws"``.
+    """FedLWS as a method object: FedAvg's sharing, loss and local training; the server rule
+    :class:`~fedoap.server.rules.FedLWSRule`.
 
     Args:
         beta: scale of the updates' spread in ``tau`` (authors: 0.03).
@@ -41,18 +42,18 @@ class FedLWS(FedAvg):
         layers: ``"module"`` (a module's keys form a layer) or ``"key"`` (each key is a layer).
 
     Raises:
-        ValueError: an invalid argument (see :func:`fedoap.server.fedlws_aggregation.check_fedlws_args`).
+        ValueError: an invalid argument (see :meth:`fedoap.server.rules.FedLWSRule.check_args`).
     """
 
     name = "fedlws"
-    server_rule = "fedlws"
+    server_rule = FedLWSRule
 
     def __init__(self, beta: float = 0.03, min_tau: float = 0.01, max_tau: float = 0.2, layers: str = "module") -> None:
-        check_fedlws_args(beta, min_tau, max_tau, layers)
         self.beta = beta
         self.min_tau = min_tau
         self.max_tau = max_tau
         self.layers = layers
+        self.server_rule.check_args(**self.server_rule_args())  # fail here, before any site starts
 
     def server_rule_args(self) -> dict[str, Any]:
         return {"beta": self.beta, "min_tau": self.min_tau, "max_tau": self.max_tau, "layers": self.layers}

@@ -3,8 +3,8 @@
 Implements Wang, Liu, Liang, Joshi, Poor, "Tackling the Objective Inconsistency Problem in Heterogeneous Federated
 Optimization", NeurIPS 2020, on the same backbone and sharing as FedAvg (FedOAPNet, every parameter shared). Site
 ``k`` runs ``tau_k`` local steps from the global ``x`` and sends its parameters ``x_k`` with ``tau_k`` (the Client
-API's ``NUM_STEPS_CURRENT_ROUND``) and its sample count ``n_k``; the server (rule ``"fednova"``,
-:class:`fedoap.server.aggregation.FedNovaAggregator`) applies
+API's ``NUM_STEPS_CURRENT_ROUND``) and its sample count ``n_k``; the server (its rule
+:class:`fedoap.server.rules.FedNovaRule`) applies
 
     x <- x - tau_eff * sum_k p_k d_k,   d_k = (x - x_k) / a_k,   p_k = n_k / sum_j n_j,   tau_eff = sum_k p_k tau_k.
 
@@ -21,7 +21,7 @@ Choices the paper leaves open, fixed here:
 - ``tau_eff = sum_k p_k tau_k`` (the paper's FedNova choice, and that of the authors' code without server momentum);
   the authors' optional server momentum (``gmf``) is not implemented.
 - The rule applies to every shared key, parameters and (floating-point) buffers alike; FedOAPNet has no buffers.
-- Homomorphic encryption is refused (the rule is not in ``fedoap.deploy.recipe.HE_RULES``): the server needs the global
+- Homomorphic encryption is refused (the rule is not ``linear``): the server needs the global
   ``x`` in clear to form ``d_k`` and ``tau_eff`` from the clear step counts, while under HE it holds only ciphertext
   after the first round. (A linear variant exists, with sites sending ``x - d_k`` and a client-side rescaling by
   ``tau_eff`` after decryption, but it needs a client protocol change and is not implemented.) Client-level DP of the
@@ -31,13 +31,14 @@ Choices the paper leaves open, fixed here:
 from __future__ import annotations
 
 from fedoap.methods.fedavg import FedAvg
+from fedoap.server.rules import FedNovaRule
 
 __all__ = ["FedNova"]
 
 
 class FedNova(FedAvg):
-    """FedNova as a method object: FedAvg's sharing, loss and local training; the server rule ``"fednova"``
-    (normalized averaging with ``a_k = tau_k``, see the module docstring)."""
+    """FedNova as a method object: FedAvg's sharing, loss and local training; the server rule
+    :class:`~fedoap.server.rules.FedNovaRule` (normalized averaging with ``a_k = tau_k``, see the module docstring)."""
 
     name = "fednova"
-    server_rule = "fednova"
+    server_rule = FedNovaRule

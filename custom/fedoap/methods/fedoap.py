@@ -15,6 +15,7 @@ from torch import nn
 from fedoap.losses import BCEDiceLoss, PerturbedBoundaryLoss
 from fedoap.methods.base import FederatedMethod
 from fedoap.networks import FedOAPNet
+from fedoap.server.rules import WeightedMean
 
 __all__ = ["FedOAP"]
 
@@ -36,7 +37,7 @@ class FedOAP(FederatedMethod):
     """
 
     name = "fedoap"
-    server_rule = "weighted_mean"
+    server_rule = WeightedMean
 
     def __init__(
         self,

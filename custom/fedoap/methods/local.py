@@ -11,15 +11,17 @@ from __future__ import annotations
 from torch import nn
 
 from fedoap.methods.fedavg import FedAvg
+from fedoap.server.rules import NoAggregation
 
 __all__ = ["LocalOnly"]
 
 
 class LocalOnly(FedAvg):
-    """Local-only training as a method object: no shared parameter; the server rule ``"none"`` combines nothing."""
+    """Local-only training as a method object: no shared parameter; the null rule (``NoAggregation``) combines
+    nothing."""
 
     name = "local"
-    server_rule = "none"
+    server_rule = NoAggregation
 
     def shared_keys(self, model: nn.Module) -> list[str]:
         return []

@@ -1,10 +1,11 @@
-"""The server workflow of personalized FL: broadcast and average only the shared parameters, then ask every site to
+"""The server workflow of personalized FL: broadcast and aggregate only the shared parameters, then ask every site to
 personalize and report.
 
 Each round the controller sends the global shared parameters, receives each site's shared parameters with its
-training-sample count, drops (and logs) any key outside the shared set, rejects (and logs) an update with a missing
-key, a wrong shape or a non-finite value, averages the rest weighted by sample counts (FedAvg, McMahan et al.,
-AISTATS 2017, restricted to the shared set as in FedOAP, arXiv 2511.18847) and saves the aggregate. After the last
+aggregation weight, drops (and logs) any key outside the shared set, rejects (and logs) an update with a missing key,
+a wrong shape or a non-finite value, combines the rest by the method's server rule (FedAvg's weighted mean, McMahan
+et al., AISTATS 2017, restricted to the shared set as in FedOAP, arXiv 2511.18847, unless the method names another)
+and saves the aggregate. After the last
 round it sends the task ``personalize``: sites fine-tune locally and return their evaluation metrics (no
 parameters). The round history and the final metrics are written to ``fedoap_history.json`` in the server's run
 folder after every round, so an interrupted run still leaves its history behind.
@@ -12,13 +13,13 @@ folder after every round, so an interrupted run still leaves its history behind.
 The aggregation weight of a site is what it reports under the meta key ``aggregation_weight`` (its sample count, or
 its step count for a method that weighs by steps, FedGS), or else its sample count ``n_samples``.
 
-Server rules (the method's ``server_rule``): ``"weighted_mean"`` as above; ``"fednova"``, FedNova's normalized
-averaging (Wang et al., NeurIPS 2020: ``x - tau_eff * sum_k p_k (x - x_k) / tau_k``, with ``tau_k`` the site's
-``NUM_STEPS_CURRENT_ROUND``; it needs the global model in clear, so not under HE); ``"fedawa"`` (weights learned from
-the client vectors, carried from round to round) and ``"fedlws"`` (layer-wise shrinking of the mean), both in clear
-too; ``"none"`` for a method that shares nothing (local-only training): the rounds still pace the sites' training
-and collect their metrics, but the server broadcasts an empty parameter set, aggregates nothing and saves no
-checkpoint. The arithmetic of each rule lives in ``fedoap.server.aggregation`` (and the modules its ``SERVER_RULES`` name).
+How the shared parameters are combined is not the workflow's business: the method names a rule class
+(``fedoap.server.rules``: weighted mean, FedNova, FedAWA, FedLWS, or the null rule of a method that shares nothing),
+:func:`fedoap.server.rules.rule_for_job` builds the one rule object that serves the job (under HE the encrypted sum,
+for a linear rule only), and every round goes through the same protocol: ``reset`` with the broadcast, ``add`` per
+site, ``result`` when something was accepted, ``summary`` into the history. With the null rule the rounds still pace
+the sites' training and collect their metrics, but the server broadcasts an empty parameter set and saves no
+checkpoint.
 """
 
 from __future__ import annotations
@@ -28,27 +29,29 @@ import time
 
 import numpy as np
 import torch
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.model_controller import ModelController
 
-from fedoap.server.aggregation import PLAINTEXT_RULES, SERVER_RULES as AGGREGATION_RULES, UpdateRejected, make_aggregator
-from fedoap.server.aggregation import payload_bytes
 from fedoap.jsonio import write_json
+from fedoap.methods import get_method
 from fedoap.protocol import (AGGREGATION_WEIGHT_KEY, HISTORY_FILE, NUM_SAMPLES_KEY, NUM_STEPS_KEY, PERSONALIZE_TASK,
                              SITE_STATISTICS_KEY, TRAIN_TASK)
+from fedoap.server.rules import ServerRule, UpdateRejected, check_rule, rule_for_job
 
-__all__ = ["SharedParamsFedAvg", "SERVER_RULES", "ENCRYPTED_CHECKPOINT", "encrypted_checkpoint_bytes",
-           "load_encrypted_checkpoint"]
+__all__ = ["SharedParamsFedAvg", "ENCRYPTED_CHECKPOINT", "encrypted_checkpoint_bytes", "load_encrypted_checkpoint",
+           "payload_bytes"]
 
 #: the server's checkpoint under HE (ciphertext only), in its app folder: safetensors, no pickle
 ENCRYPTED_CHECKPOINT = "FL_global_model_encrypted.safetensors"
 #: recorded in the encrypted checkpoint's safetensors metadata, with the round
 ENCRYPTED_CHECKPOINT_FORMAT = "fedoap-he-checkpoint/1"
-#: server rules this controller implements: those of ``fedoap.server.aggregation.SERVER_RULES`` (weighted mean,
-#: FedNova, ...), or ``"none"`` (nothing shared)
-SERVER_RULES = (*AGGREGATION_RULES, "none")
+
+
+def payload_bytes(params: Mapping[str, Any]) -> int:
+    """Bytes of the parameter arrays of one update (what a client uploaded)."""
+    return int(sum(np.asarray(v).nbytes for v in params.values()))
 
 
 def _count_numbers(value: Any) -> int:
@@ -92,31 +95,29 @@ def load_encrypted_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 class SharedParamsFedAvg(ModelController):
-    """Weighted FedAvg (or FedNova) over an explicit list of shared parameters.
+    """Rounds of broadcast, local training and aggregation over an explicit list of shared parameters, then
+    personalization; how the updates combine is the method's server rule (``fedoap.server.rules``).
 
     Args:
         num_rounds: federated rounds before personalization.
         min_clients: sites that must answer each round.
-        shared_keys: state-dict keys that are broadcast and averaged (a list of names, stored unchanged so that the
-            job exports faithfully); every other key stays on the sites.
-        method: name of the federated method (recorded in the history).
-        server_rule: how the shared parameters are combined, one of :data:`SERVER_RULES` (the method's
-            ``server_rule``): ``"weighted_mean"`` and ``"fednova"`` need a non-empty ``shared_keys``; ``"none"``
-            (local-only training) needs an empty one, and then the server broadcasts ``{}``, aggregates nothing and
-            saves no checkpoint.
+        shared_keys: state-dict keys that are broadcast and aggregated (a list of names, stored unchanged so that the
+            job exports faithfully); every other key stays on the sites. Empty exactly for a method that shares
+            nothing (its rule is the null rule: the server broadcasts ``{}`` and saves no checkpoint).
+        method: name of the federated method (``fedoap.methods``; recorded in the history); method_args: its
+            constructor arguments. The method names the server rule and its arguments.
         personalize: after the last round, send ``personalize`` and collect each site's final metrics.
-        he: sites send CKKS ciphertexts of their weighted shared parameters (by samples, or steps for FedGS; rule
-            ``"weighted_mean"`` only); the server only adds them with its TenSEAL context (no secret key, found in
-            its ``local/`` folder, from the sites' key ceremony, or ``$FEDOAP_HE_CONTEXT_DIR``), broadcasts the encrypted sum and saves only ciphertext
-            for the shared part (``ENCRYPTED_CHECKPOINT``).
-        task_timeout: seconds to wait for a round (0: no limit).
+        he: sites send CKKS ciphertexts of their weighted shared parameters (by samples, or steps for FedGS; a linear
+            rule only); the server only adds them with its TenSEAL context (no secret key, found in its ``local/``
+            folder, from the sites' key ceremony, or ``$FEDOAP_HE_CONTEXT_DIR``), broadcasts the encrypted sum and
+            saves only ciphertext for the shared part (``ENCRYPTED_CHECKPOINT``).
         persistor_id: id of the persistor component that holds the global checkpoint.
-        rule_args: constructor arguments of the server rule's aggregator (the method's ``server_rule_args``).
+        task_timeout: seconds to wait for a round (0: no limit).
 
     Raises:
-        ValueError: an unknown server rule, a shared set that does not fit the rule, HE with the rule ``"none"`` or
-            with a rule that needs the global model in clear (``"fednova"``), or a non-positive number of rounds or
-            clients.
+        ValueError: an unknown method or invalid method arguments, a shared set that does not fit the method's rule
+            (see :func:`fedoap.server.rules.check_rule`), HE with a rule that is not linear or shares nothing, or a
+            non-positive number of rounds or clients.
     """
 
     def __init__(
@@ -125,42 +126,31 @@ class SharedParamsFedAvg(ModelController):
         num_rounds: int,
         min_clients: int,
         shared_keys: list[str],
-        method: str = "fedoap",
-        server_rule: str = "weighted_mean",
+        method: str,
+        method_args: Optional[dict[str, Any]] = None,
         personalize: bool = True,
         he: bool = False,
-        task_timeout: int = 0,
         persistor_id: str = "persistor",
-        rule_args: Optional[dict[str, Any]] = None,
+        task_timeout: int = 0,
     ) -> None:
         super().__init__(persistor_id=persistor_id)
         if num_rounds < 1:
             raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
         if min_clients < 1:
             raise ValueError(f"min_clients must be >= 1, got {min_clients}")
-        if server_rule not in SERVER_RULES:
-            raise ValueError(f"server_rule must be one of {SERVER_RULES}, got {server_rule!r}")
-        if server_rule == "none":
-            if shared_keys:
-                raise ValueError(f"server rule 'none' shares nothing, but {len(shared_keys)} shared key(s) were given")
-            if he:
-                raise ValueError("server rule 'none' shares nothing: there is nothing to encrypt")
-        elif not shared_keys:
-            raise ValueError("shared_keys is empty: a federation with nothing shared is local training "
-                             "(server_rule='none')")
-        if he and server_rule in PLAINTEXT_RULES:
-            raise ValueError(f"server rule {server_rule!r} needs the global model in clear on the server; "
-                             "homomorphic encryption supports only 'weighted_mean'")
+        fl_method = get_method(method, **(method_args or {}))
+        self._rule: type[ServerRule] = fl_method.server_rule
+        self._rule_args = fl_method.server_rule_args()
+        check_rule(self._rule, self._rule_args, shared_keys, he)
         self.num_rounds = num_rounds
         self.min_clients = min_clients
         self.shared_keys = shared_keys
         self.method = method
-        self.server_rule = server_rule
+        self.method_args = method_args
         self.personalize = personalize
         self.he = he
-        self.task_timeout = task_timeout
         self.persistor_id = persistor_id
-        self.rule_args = rule_args
+        self.task_timeout = task_timeout
         self._history: dict[str, Any] = {}
         self._site_statistics: dict[str, Any] = {}
 
@@ -189,11 +179,11 @@ class SharedParamsFedAvg(ModelController):
             return
         initial_shared = {k: model.params[k] for k in self.shared_keys}
         try:
-            new_aggregator = self._aggregator_factory(initial_shared)
+            rule = self._job_rule(initial_shared)
         except (FileNotFoundError, ValueError) as err:
             self.panic(str(err))
             return
-        self._history = {"method": self.method, "server_rule": self.server_rule, "he": self.he, "rounds": [],
+        self._history = {"method": self.method, "server_rule": self._rule.name, "he": self.he, "rounds": [],
                          "personalized": {}, "n_shared_keys": len(self.shared_keys)}
         start = time.time()
         # Round 0 broadcasts the public initialization in clear; with HE every later broadcast is the encrypted sum.
@@ -204,13 +194,14 @@ class SharedParamsFedAvg(ModelController):
             task = FLModel(params=broadcast, params_type=ParamsType.FULL, current_round=rnd, total_rounds=self.num_rounds,
                            meta=self._task_meta())
             results = self.send_model_and_wait(task_name=TRAIN_TASK, data=task, targets=clients, timeout=self.task_timeout)
-            aggregator = new_aggregator(broadcast) if new_aggregator is not None else None
-            record = self._aggregate_round(rnd, aggregator, results)
-            if aggregator is not None and aggregator.count:
-                broadcast = aggregator.result()
-                if hasattr(aggregator, "summary"):  # what a learned rule decided (FedAWA's weights, FedLWS's gammas)
-                    record["aggregation"] = aggregator.summary()
-                self._save(model, broadcast, rnd)
+            rule.reset(broadcast)
+            record = self._aggregate_round(rnd, rule, results)
+            if rule.count:
+                broadcast = rule.result()
+                summary = rule.summary()  # what a learned rule decided (FedAWA's weights, FedLWS's factors)
+                if summary:
+                    record["aggregation"] = summary
+                self._save(model, broadcast, rnd, ciphertext=rule.encrypted)
             record["round_seconds"] = time.time() - round_start
             self._history["rounds"].append(record)
             self._history["wall_time_s"] = time.time() - start
@@ -240,24 +231,18 @@ class SharedParamsFedAvg(ModelController):
         (FedRDN), forwarded as the sites sent them."""
         return {SITE_STATISTICS_KEY: dict(self._site_statistics)} if self._site_statistics else {}
 
-    def _aggregator_factory(self, initial_shared: dict[str, Any]):
-        """A function of the round's broadcast that returns the round's aggregator: plaintext weighted mean, FedNova
-        (which needs the broadcast global model), or (HE) a ciphertext sum with the server context; None under the
-        rule ``"none"`` (nothing to aggregate)."""
-        if self.server_rule == "none":
-            return None
-        if not self.he:
-            rule, rule_args = self.server_rule, dict(self.rule_args or {})
-            last: list[Any] = []  # the previous round's aggregator: a stateful rule (FedAWA) carries its state on
+    def _job_rule(self, initial_shared: dict[str, Any]) -> ServerRule:
+        """The rule object that serves this job (:func:`fedoap.server.rules.rule_for_job`), built once; under HE with
+        the server's TenSEAL context.
 
-            def new_round(broadcast):
-                aggregator = make_aggregator(rule, broadcast, initial_shared, rule_args,
-                                             previous=last[0] if last else None)
-                last[:] = [aggregator]
-                return aggregator
+        Raises:
+            FileNotFoundError: HE without the server's context file.
+            ValueError: a context that holds a secret key, or a reference the rule cannot take.
+        """
+        return rule_for_job(self._rule, self._rule_args, initial_shared, self._he_context() if self.he else None)
 
-            return new_round
-        from fedoap.server.encrypted_aggregation import EncryptedSumAggregator
+    def _he_context(self) -> Any:
+        """The server's TenSEAL context (no secret key: the server only adds ciphertexts)."""
         from fedoap.privacy.contexts import find_context_file
         from fedoap.privacy.he import load_context
 
@@ -265,13 +250,12 @@ class SharedParamsFedAvg(ModelController):
         context = load_context(find_context_file("server", workspace_root))
         if context.has_secret_key():
             raise ValueError("the server's TenSEAL context holds a secret key: refusing to run HE with it")
-        # the broadcast is ciphertext after round 0: the plaintext initialization fixes keys and shapes
-        return lambda broadcast: EncryptedSumAggregator(initial_shared, context)
+        return context
 
-    def _save(self, model: FLModel, aggregate: dict[str, Any], rnd: int) -> None:
-        """Persist the round's aggregate: through the persistor in clear, or (HE) as ciphertext only."""
+    def _save(self, model: FLModel, aggregate: dict[str, Any], rnd: int, ciphertext: bool) -> None:
+        """Persist the round's aggregate: through the persistor in clear, or (ciphertext, HE) as ciphertext only."""
         model.current_round = rnd
-        if self.he:  # owner-only, atomic, no pickle
+        if ciphertext:  # owner-only, atomic, no pickle
             from fedoap.privacy.at_rest import write_private
 
             write_private(os.path.join(self.get_app_dir(), ENCRYPTED_CHECKPOINT),
@@ -280,9 +264,10 @@ class SharedParamsFedAvg(ModelController):
         model.params.update({k: torch.as_tensor(v) for k, v in aggregate.items()})
         self.save_model(model)
 
-    def _aggregate_round(self, rnd: int, aggregator, results: list[FLModel]) -> dict[str, Any]:
-        """Add every site's update to ``aggregator`` and record what happened; with no aggregator (rule ``"none"``)
-        record the sites' metrics only, and drop (and log) whatever a site sent."""
+    def _aggregate_round(self, rnd: int, rule: ServerRule, results: list[FLModel]) -> dict[str, Any]:
+        """Add every site's update to ``rule`` (reset for this round) and record what happened: accepted, dropped
+        keys, rejected with the reason; under the null rule the sites' metrics only (whatever a site sent is
+        dropped)."""
         sites: dict[str, Any] = {}
         for result in results:
             meta = result.meta or {}
@@ -298,12 +283,7 @@ class SharedParamsFedAvg(ModelController):
             if statistics is not None:
                 self._site_statistics[site] = statistics
             try:
-                if aggregator is None:
-                    dropped = sorted(params)
-                elif self.he:
-                    dropped = aggregator.add(site, params, weight)
-                else:
-                    dropped = aggregator.add(site, params, weight, steps=steps)
+                dropped = rule.add(site, params, weight, steps=steps)
             except UpdateRejected as err:
                 self._warn(f"round {rnd + 1}: rejected update: {err}")
                 entry["rejected"] = str(err)
@@ -312,13 +292,13 @@ class SharedParamsFedAvg(ModelController):
                     self._warn(f"round {rnd + 1}: {site} sent {len(dropped)} non-shared key(s), dropped: {dropped}")
                     entry["dropped_keys"] = dropped
             sites[site] = entry
-        accepted = aggregator.count if aggregator is not None else 0
-        if aggregator is not None and not accepted:
+        accepted = rule.count
+        if rule.shares and not accepted:
             self._warn(f"round {rnd + 1}: no update accepted; the global model is unchanged")
         parts = [
             f"{site} loss {s.get('train_loss', float('nan')):.3f} val Dice {s.get('val_dice', float('nan')):.3f}"
             for site, s in sorted(sites.items())
         ]
-        status = f"{accepted}/{len(results)} accepted" if aggregator is not None else f"{len(results)} local"
+        status = f"{accepted}/{len(results)} accepted" if rule.shares else f"{len(results)} local"
         self._progress(f"round {rnd + 1}/{self.num_rounds} ({status}): " + "; ".join(parts))
         return {"round": rnd, "accepted": accepted, "sites": sites}

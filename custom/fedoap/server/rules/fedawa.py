@@ -1,9 +1,9 @@
-"""FedAWA's server rule: aggregation weights learned from the client vectors by a few steps of gradient descent.
+"""FedAWA's rule: aggregation weights learned from the client vectors by a few steps of gradient descent.
 
 Implements the server side of Shi, Zhao, Zhang, Zhou, Guo, Chang, "FedAWA: Adaptive Optimization of Aggregation
 Weights in Federated Learning Using Client Vectors", CVPR 2025 (arXiv 2503.15842), as the authors' code computes it.
 Site ``k`` sends its shared parameters ``x_k``; with ``x`` the global parameters broadcast this round, its *client
-vector* is ``tau_k = x_k - x``. The weights are ``lambda = softmax(t)`` of one logit ``t_k`` per site, which the server
+vector* is ``tau_k = x_k - x``. The weights are ``lambda = softmax(t)`` of one logit ``t_k`` per site, which the rule
 keeps from round to round. Each round it takes ``server_epochs`` steps of its optimizer on
 
     L(t) = sum_k lambda_k ||tau_k - sum_j lambda_j tau_j||_2  +  sum_k lambda_k d(x, x_k)
@@ -26,10 +26,9 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 
-from fedoap.server.aggregation import SharedParamsAggregator
+from fedoap.server.rules.base import ServerRule
 
-__all__ = ["FedAWAAggregator", "check_fedawa_args", "REG_DISTANCES", "SERVER_OPTIMIZERS", "LOGIT_INITS",
-           "AGGREGATE_WITH"]
+__all__ = ["FedAWARule", "REG_DISTANCES", "SERVER_OPTIMIZERS", "LOGIT_INITS", "AGGREGATE_WITH"]
 
 #: the distance ``d(x, x_k)`` of the regularization term
 REG_DISTANCES = ("cos", "euc")
@@ -51,52 +50,23 @@ def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check_fedawa_args(
-    server_epochs: int = 1,
-    server_lr: float = 1e-3,
-    server_optimizer: str = "adam",
-    reg_distance: str = "cos",
-    gamma: float = 1.0,
-    logit_init: str = "weights",
-    aggregate_with: str = "last_forward",
-) -> None:
-    """Validate FedAWA's server-side hyperparameters (shared by the method object and the aggregator).
-
-    Raises:
-        ValueError: ``server_epochs`` not an integer >= 1, ``server_lr`` or ``gamma`` not a finite number > 0, or a
-            name outside :data:`SERVER_OPTIMIZERS`, :data:`REG_DISTANCES`, :data:`LOGIT_INITS`, :data:`AGGREGATE_WITH`.
-    """
-    if not isinstance(server_epochs, numbers.Integral) or isinstance(server_epochs, bool) or server_epochs < 1:
-        raise ValueError(f"server_epochs must be an integer >= 1, got {server_epochs!r}")
-    if not _is_real(server_lr) or server_lr <= 0:
-        raise ValueError(f"server_lr must be a finite number > 0, got {server_lr!r}")
-    if not _is_real(gamma) or gamma <= 0:
-        raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
-    for name, value, choices in (("server_optimizer", server_optimizer, SERVER_OPTIMIZERS),
-                                 ("reg_distance", reg_distance, REG_DISTANCES),
-                                 ("logit_init", logit_init, LOGIT_INITS),
-                                 ("aggregate_with", aggregate_with, AGGREGATE_WITH)):
-        if value not in choices:
-            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
 def _dot(a: np.ndarray, b: np.ndarray) -> float:
     """``<a, b>`` accumulated in float64, chunk by chunk (the stored vectors are float32)."""
     return float(sum(np.dot(a[i : i + _CHUNK].astype(np.float64), b[i : i + _CHUNK].astype(np.float64))
                      for i in range(0, a.size, _CHUNK)))
 
 
-class FedAWAAggregator(SharedParamsAggregator):
-    """FedAWA's aggregation of one round, over the shared parameters (see the module docstring for the rule).
+class FedAWARule(ServerRule):
+    """FedAWA's aggregation over the shared parameters (see the module docstring for the rule).
 
-    The same ``add``/``count``/``result`` contract as :class:`~fedoap.server.aggregation.SharedParamsAggregator`, plus
-    ``state()``: the learned logits by site, which the controller hands to the next round's aggregator (``state``).
-    After :meth:`result`, :attr:`weights` holds the aggregation weight of each site and :attr:`logits` the logits
-    carried on (both also in ``summary()``, which the controller records in its history). The sample weights passed
-    to ``add`` only initialize the logit of a site seen for the first time.
+    The learned logits by site live in the rule object from round to round (:meth:`state` reads them,
+    :meth:`load_state` restores them). After :meth:`result`, :attr:`weights` holds the aggregation weight of each
+    site and :attr:`logits` the logits carried on (both also in :meth:`summary`, which the controller records in its
+    history). The sample weights passed to ``add`` only initialize the logit of a site seen for the first time.
 
     Args:
-        reference: the global shared parameters broadcast this round, in clear (``x``; fixes keys and shapes).
+        reference: the global shared parameters the job starts from; each round's :meth:`reset` takes the round's
+            broadcast (``x``), in clear.
         server_epochs: descent steps on the weights per round (authors' default 1).
         server_lr: step size of the weight optimizer (authors: 1e-3 with Adam; their SGD used 1e-2).
         server_optimizer: ``"adam"`` (betas 0.5, 0.999) or ``"sgd"`` (momentum 0.9, weight decay 5e-4); built afresh
@@ -105,20 +75,21 @@ class FedAWAAggregator(SharedParamsAggregator):
         gamma: factor of the aggregate (authors' default 1: none).
         logit_init: how the logit of a new site starts, see :data:`LOGIT_INITS`.
         aggregate_with: which weights aggregate, see :data:`AGGREGATE_WITH`.
-        state: the previous round's ``state()``, or None in the first round.
 
     Raises:
-        ValueError: an invalid hyperparameter (see :func:`check_fedawa_args`), a malformed ``state``, or global
-            parameters with NaN or Inf.
+        ValueError: an invalid hyperparameter (see :meth:`check_args`), or global parameters with NaN or Inf.
 
     Example::
 
-        agg = FedAWAAggregator({"w": np.zeros(2)})
-        agg.add("a", {"w": np.array([1.0, 0.0])}, weight=1)
-        agg.add("b", {"w": np.array([0.0, 1.0])}, weight=1)
-        agg.result()            # lambda = (1/2, 1/2) by symmetry: {"w": array([0.5, 0.5])}
-        agg.state()             # {"logits": {"a": 0.5, "b": 0.5}}
+        rule = FedAWARule({"w": np.zeros(2)})
+        rule.add("a", {"w": np.array([1.0, 0.0])}, weight=1)
+        rule.add("b", {"w": np.array([0.0, 1.0])}, weight=1)
+        rule.result()            # lambda = (1/2, 1/2) by symmetry: {"w": array([0.5, 0.5])}
+        rule.state()             # {"logits": {"a": 0.5, "b": 0.5}}
     """
+
+    name = "fedawa"
+    reference = "broadcast"
 
     def __init__(
         self,
@@ -130,10 +101,9 @@ class FedAWAAggregator(SharedParamsAggregator):
         gamma: float = 1.0,
         logit_init: str = "weights",
         aggregate_with: str = "last_forward",
-        state: Optional[Mapping[str, Any]] = None,
     ) -> None:
-        super().__init__(reference)
-        check_fedawa_args(server_epochs, server_lr, server_optimizer, reg_distance, gamma, logit_init, aggregate_with)
+        self.check_args(server_epochs=server_epochs, server_lr=server_lr, server_optimizer=server_optimizer,
+                        reg_distance=reg_distance, gamma=gamma, logit_init=logit_init, aggregate_with=aggregate_with)
         self.server_epochs = server_epochs
         self.server_lr = server_lr
         self.server_optimizer = server_optimizer
@@ -141,35 +111,66 @@ class FedAWAAggregator(SharedParamsAggregator):
         self.gamma = gamma
         self.logit_init = logit_init
         self.aggregate_with = aggregate_with
-        self._previous_logits = self._logits_of(state)
+        self.logits: dict[str, float] = {}
+        super().__init__(reference)
+
+    @classmethod
+    def check_args(  # type: ignore[override]
+        cls,
+        server_epochs: int = 1,
+        server_lr: float = 1e-3,
+        server_optimizer: str = "adam",
+        reg_distance: str = "cos",
+        gamma: float = 1.0,
+        logit_init: str = "weights",
+        aggregate_with: str = "last_forward",
+    ) -> None:
+        """Check FedAWA's hyperparameters.
+
+        Raises:
+            ValueError: ``server_epochs`` not an integer >= 1, ``server_lr`` or ``gamma`` not a finite number > 0, or
+                a name outside :data:`SERVER_OPTIMIZERS`, :data:`REG_DISTANCES`, :data:`LOGIT_INITS`,
+                :data:`AGGREGATE_WITH`.
+        """
+        if not isinstance(server_epochs, numbers.Integral) or isinstance(server_epochs, bool) or server_epochs < 1:
+            raise ValueError(f"server_epochs must be an integer >= 1, got {server_epochs!r}")
+        if not _is_real(server_lr) or server_lr <= 0:
+            raise ValueError(f"server_lr must be a finite number > 0, got {server_lr!r}")
+        if not _is_real(gamma) or gamma <= 0:
+            raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
+        for name, value, choices in (("server_optimizer", server_optimizer, SERVER_OPTIMIZERS),
+                                     ("reg_distance", reg_distance, REG_DISTANCES),
+                                     ("logit_init", logit_init, LOGIT_INITS),
+                                     ("aggregate_with", aggregate_with, AGGREGATE_WITH)):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+    def reset(self, reference: Mapping[str, object]) -> None:
+        """Start a round from the broadcast ``x``; the logits learned so far carry on."""
+        super().reset(reference)
+        self._previous_logits = dict(self.logits)
         self._keys = list(self.shapes)
-        self._global = np.concatenate([np.asarray(reference[k], dtype=np.float64).ravel() for k in self._keys])
-        if not np.isfinite(self._global).all():
-            raise ValueError("the global parameters contain NaN or Inf")
+        global_params = self._global_of(reference)
+        self._global = np.concatenate([global_params[k].ravel() for k in self._keys])
         self._global_sq = _dot(self._global, self._global)
         self._updates: list[np.ndarray] = []  # tau_k as float32, in the order of self.contributors
         self._site_weights: list[float] = []
         self._gram: list[list[float]] = []  # G_kj = <tau_k, tau_j>, float64
         self._distance: list[float] = []  # d(x, x_k)
         self.weights: dict[str, float] = {}
-        self.logits: dict[str, float] = dict(self._previous_logits)
 
     @staticmethod
     def _logits_of(state: Optional[Mapping[str, Any]]) -> dict[str, float]:
-        if state is None:
-            return {}
         logits = state.get("logits") if isinstance(state, Mapping) else None
         if not isinstance(logits, Mapping) or not all(isinstance(k, str) and _is_real(v) for k, v in logits.items()):
             raise ValueError(f"state must be {{'logits': {{site: finite number}}}}, got {state!r}")
         return {k: float(v) for k, v in logits.items()}
 
-    def add(  # type: ignore[override]
-        self, site: str, params: Mapping[str, object], weight: float, steps: Optional[float] = None
-    ) -> list[str]:
+    def add(self, site: str, params: Mapping[str, object], weight: float, steps: Optional[float] = None) -> list[str]:
         """Add one site's parameters (``steps`` is not used); returns the dropped non-shared keys.
 
         Raises:
-            UpdateRejected: as :meth:`SharedParamsAggregator.add`.
+            UpdateRejected: a bad weight, a missing key, a wrong shape, NaN or Inf.
         """
         arrays, dropped = self._checked(site, params, weight)
         update = np.concatenate([arrays[k].ravel() for k in self._keys]) - self._global
@@ -257,6 +258,15 @@ class FedAWAAggregator(SharedParamsAggregator):
         return {"weights": dict(self.weights), "logits": dict(self.logits)}
 
     def state(self) -> dict[str, Any]:
-        """What the next round starts from: ``{"logits": {site: logit}}`` (the previous state's, updated by this
-        round's descent if :meth:`result` ran)."""
+        """What the next round starts from: ``{"logits": {site: logit}}`` (updated by this round's descent if
+        :meth:`result` ran)."""
         return {"logits": dict(self.logits)}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Continue from a :meth:`state` (call it before the round's first :meth:`add`).
+
+        Raises:
+            ValueError: not ``{"logits": {site: finite number}}``.
+        """
+        self.logits = self._logits_of(state)
+        self._previous_logits = dict(self.logits)

@@ -1,4 +1,4 @@
-"""FedLWS's server rule: the weighted mean, shrunk layer by layer by a factor computed from the sites' updates.
+"""FedLWS's rule: the weighted mean, shrunk layer by layer by a factor computed from the sites' updates.
 
 Implements the server side of Shi, Li, Zhao, Guo, Chang, "FedLWS: Federated Learning with Adaptive Layer-wise Weight
 Shrinking", ICLR 2025 (arXiv 2503.15111), as the authors' code computes it. With ``x`` the global parameters broadcast
@@ -36,9 +36,9 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from fedoap.server.aggregation import SharedParamsAggregator
+from fedoap.server.rules.weighted_mean import WeightedMean
 
-__all__ = ["FedLWSAggregator", "check_fedlws_args", "LAYER_GROUPINGS", "layer_groups"]
+__all__ = ["FedLWSRule", "LAYER_GROUPINGS", "layer_groups"]
 
 #: how state-dict keys form the layers that get one factor each
 LAYER_GROUPINGS = ("module", "key")
@@ -46,22 +46,6 @@ LAYER_GROUPINGS = ("module", "key")
 
 def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_fedlws_args(beta: float = 0.03, min_tau: float = 0.01, max_tau: float = 0.2, layers: str = "module") -> None:
-    """Validate FedLWS's server-side hyperparameters (shared by the method object and the aggregator).
-
-    Raises:
-        ValueError: ``beta`` not a finite number >= 0, ``min_tau``/``max_tau`` not finite numbers with
-            ``0 <= min_tau <= max_tau``, or ``layers`` outside :data:`LAYER_GROUPINGS`.
-    """
-    if not _is_real(beta) or beta < 0:
-        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
-    if not (_is_real(min_tau) and _is_real(max_tau)) or not 0 <= min_tau <= max_tau:
-        raise ValueError(f"min_tau and max_tau must be finite with 0 <= min_tau <= max_tau, "
-                         f"got {min_tau!r}, {max_tau!r}")
-    if layers not in LAYER_GROUPINGS:
-        raise ValueError(f"layers must be one of {LAYER_GROUPINGS}, got {layers!r}")
 
 
 def layer_groups(keys: list[str], layers: str = "module") -> dict[str, list[str]]:
@@ -73,29 +57,33 @@ def layer_groups(keys: list[str], layers: str = "module") -> dict[str, list[str]
     return groups
 
 
-class FedLWSAggregator(SharedParamsAggregator):
-    """FedLWS's aggregation of one round, over the shared parameters (see the module docstring for the rule).
+class FedLWSRule(WeightedMean):
+    """FedLWS's aggregation over the shared parameters (see the module docstring for the rule).
 
-    The same ``add``/``count``/``result`` contract as :class:`~fedoap.server.aggregation.SharedParamsAggregator`. After
-    :meth:`result`, :attr:`gammas` and :attr:`taus` hold each layer's factor and ``tau`` (also in ``summary()``,
-    which the controller records in its history).
+    After :meth:`result`, :attr:`gammas` and :attr:`taus` hold each layer's factor and ``tau`` (also in
+    :meth:`summary`, which the controller records in its history).
 
     Args:
-        reference: the global shared parameters broadcast this round, in clear (``x``; fixes keys and shapes).
+        reference: the global shared parameters the job starts from; each round's :meth:`reset` takes the round's
+            broadcast (``x``), in clear.
         beta: scale of the updates' spread in ``tau``.
         min_tau, max_tau: bounds of ``tau``.
         layers: ``"module"`` or ``"key"``, see :data:`LAYER_GROUPINGS`.
 
     Raises:
-        ValueError: an invalid hyperparameter (see :func:`check_fedlws_args`), or global parameters with NaN or Inf.
+        ValueError: an invalid hyperparameter (see :meth:`check_args`), or global parameters with NaN or Inf.
 
     Example::
 
-        agg = FedLWSAggregator({"fc.weight": np.array([3.0, 4.0])}, beta=1.0)     # ||x|| = 5
-        agg.add("a", {"fc.weight": np.array([3.0, 4.0])}, weight=1)              # u_a = (0, 0)
-        agg.add("b", {"fc.weight": np.array([3.0, 4.2])}, weight=1)              # u_b = (0, 0.2)
-        agg.result()  # m = (3, 4.1); spread 0.1 -> tau 0.1; gamma = 5 / (5 + 0.1 * 0.1): {"fc.weight": gamma * m}
+        rule = FedLWSRule({"fc.weight": np.array([3.0, 4.0])}, beta=1.0)     # ||x|| = 5
+        rule.add("a", {"fc.weight": np.array([3.0, 4.0])}, weight=1)        # u_a = (0, 0)
+        rule.add("b", {"fc.weight": np.array([3.0, 4.2])}, weight=1)        # u_b = (0, 0.2)
+        rule.result()  # m = (3, 4.1); spread 0.1 -> tau 0.1; gamma = 5 / (5 + 0.1 * 0.1): {"fc.weight": gamma * m}
     """
+
+    name = "fedlws"
+    linear = False
+    reference = "broadcast"
 
     def __init__(
         self,
@@ -105,26 +93,43 @@ class FedLWSAggregator(SharedParamsAggregator):
         max_tau: float = 0.2,
         layers: str = "module",
     ) -> None:
-        super().__init__(reference)
-        check_fedlws_args(beta, min_tau, max_tau, layers)
+        self.check_args(beta=beta, min_tau=min_tau, max_tau=max_tau, layers=layers)
         self.beta = beta
         self.min_tau = min_tau
         self.max_tau = max_tau
         self.layers = layers
-        self._global = {k: np.asarray(v, dtype=np.float64) for k, v in reference.items()}
-        if not all(np.isfinite(v).all() for v in self._global.values()):
-            raise ValueError("the global parameters contain NaN or Inf")
+        super().__init__(reference)
+
+    @classmethod
+    def check_args(  # type: ignore[override]
+        cls, beta: float = 0.03, min_tau: float = 0.01, max_tau: float = 0.2, layers: str = "module"
+    ) -> None:
+        """Check FedLWS's hyperparameters.
+
+        Raises:
+            ValueError: ``beta`` not a finite number >= 0, ``min_tau``/``max_tau`` not finite numbers with
+                ``0 <= min_tau <= max_tau``, or ``layers`` outside :data:`LAYER_GROUPINGS`.
+        """
+        if not _is_real(beta) or beta < 0:
+            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+        if not (_is_real(min_tau) and _is_real(max_tau)) or not 0 <= min_tau <= max_tau:
+            raise ValueError(f"min_tau and max_tau must be finite with 0 <= min_tau <= max_tau, "
+                             f"got {min_tau!r}, {max_tau!r}")
+        if layers not in LAYER_GROUPINGS:
+            raise ValueError(f"layers must be one of {LAYER_GROUPINGS}, got {layers!r}")
+
+    def reset(self, reference: Mapping[str, object]) -> None:
+        super().reset(reference)
+        self._global = self._global_of(reference)
         self._updates: list[dict[str, np.ndarray]] = []  # u_k by key, float32, in the order of self.contributors
         self.gammas: dict[str, float] = {}
         self.taus: dict[str, float] = {}
 
-    def add(  # type: ignore[override]
-        self, site: str, params: Mapping[str, object], weight: float, steps: Optional[float] = None
-    ) -> list[str]:
+    def add(self, site: str, params: Mapping[str, object], weight: float, steps: Optional[float] = None) -> list[str]:
         """Add one site's parameters (``steps`` is not used); returns the dropped non-shared keys.
 
         Raises:
-            UpdateRejected: as :meth:`SharedParamsAggregator.add`.
+            UpdateRejected: as :meth:`WeightedMean.add`.
         """
         arrays, dropped = self._checked(site, params, weight)
         self._accumulate(arrays, weight)
