@@ -80,12 +80,16 @@ def test_settings_trade_rounds_for_local_epochs_and_reject_bad_overrides():
     assert (full["image_size"], full["device"], full["rounds"], full["local_epochs"]) == (256, "cuda", 50, 1)
     assert resolve_settings("full", {"local_epochs": 5})["rounds"] == 10  # same 50 epochs, fewer rounds
     assert resolve_settings("fast", {"rounds": 3, "local_epochs": 2})["total_epochs"] == 6
+    # a preset is a partial override of the run configuration: what it leaves out is the configuration's default
+    assert (resolve_settings("fast")["lr"], resolve_settings("fast")["device"]) == (1e-3, "cpu")
     for preset, overrides, message in [
         ("medium", {}, "preset"),
         ("fast", {"epochs": 3}, "epochs"),
         ("fast", {"rounds": 2, "total_epochs": 4}, "not both"),
         ("full", {"local_epochs": 3}, "multiple"),
         ("fast", {"width": 0}, "width"),
+        ("fast", {"image_size": 40}, "--image-size must be a multiple of 16"),  # the options' own checks
+        ("fast", {"clients": ("brain", "brain")}, "--clients must be distinct"),
     ]:
         with pytest.raises(ValueError, match=message):
             resolve_settings(preset, overrides)
@@ -211,8 +215,8 @@ def test_ablations_are_fedoap_with_one_part_removed(tmp_path):
 
     settings = resolve_settings("fast")
     cfg = _config(settings, "fedoap-no-dca", 0, tmp_path / "run", tmp_path / "data")
-    assert cfg.method == "fedoap" and cfg.method_args == {"cross_attention": False}
-    assert _config(settings, "fedavg", 0, tmp_path, tmp_path).method_args == {}
+    assert cfg.run.method.name == "fedoap" and cfg.run.method.args == {"cross_attention": False}
+    assert _config(settings, "fedavg", 0, tmp_path, tmp_path).run.method.args == {}
     for name, (method, args) in ABLATIONS.items():
         assert method == "fedoap" and args
         net = METHODS[method](**args).build_model({"channels": [2, 4, 4, 8], "bottleneck_channels": 8})

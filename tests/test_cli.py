@@ -1,6 +1,13 @@
-"""The command line fails fast, before any NVFlare process starts, and names the folder or file at fault."""
+"""The command line fails fast, before any NVFlare process starts, and names the option, folder or file at fault."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
 
 from fedoap.cli import main
 from fedoap.data import generate_site
@@ -37,3 +44,58 @@ def test_mu_is_fedprox_only(tmp_path, capsys):
     assert main(["simulate", "--method", "fedavg", "--mu", "0.1", "--clients", "brain", "--unseen", "none",
                  "--out", str(tmp_path / "out")]) == 2
     assert "--mu is FedProx's option" in capsys.readouterr().err
+
+
+# -- errors up front (issue 11): one line, exit status 2, before anything starts; Ctrl-C is "interrupted" -----------
+def _fedoap(*args, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "fedoap.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, **kwargs)
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--image-size", "7"], "--image-size must be a multiple of 16 (the UNet halves it 4 times), got 7"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
+    (["--local-epochs", "0"], "--local-epochs must be >= 1, got 0"),
+    (["--finetune-epochs", "-1"], "--finetune-epochs must be >= 0, got -1"),
+])
+def test_bad_options_fail_at_once_in_one_line(tmp_path, option, message):
+    start = time.time()
+    run = _fedoap("simulate", *option, "--out", str(tmp_path / "out"))
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 2 and err == f"fedoap: error: {message}\n"
+    assert time.time() - start < 5
+    assert not (tmp_path / "out").exists()  # nothing was created
+
+
+def test_a_device_this_machine_lacks_fails_at_once(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    start = time.time()
+    run = _fedoap("simulate", "--device", "cuda", "--out", str(tmp_path / "out"))
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 2 and err == ("fedoap: error: --device cuda: no CUDA device is available on this machine "
+                                           "(use --device cpu)\n")
+    assert time.time() - start < 10  # importing torch is most of it
+
+
+def test_an_unwritable_out_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    for command in (["simulate"], ["benchmark"], ["bench", "train"], ["export-jobs"]):
+        assert main([*command, "--out", str(tmp_path / "file" / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"fedoap: error: --out {tmp_path / 'file' / 'out'}: cannot write there") \
+            and err.count("\n") == 1
+
+
+def test_ctrl_c_during_data_generation_is_interrupted_not_a_traceback(tmp_path):
+    run = _fedoap("generate-data", str(tmp_path / "data"), "--size", "256")
+    deadline = time.time() + 60
+    while not list((tmp_path / "data").glob("*/*")) and time.time() < deadline:
+        time.sleep(0.1)  # until it writes its first files
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130 and err == "fedoap: interrupted\n"

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from fedoap.data import SiteData, SliceSet
-from fedoap.server.aggregation import PLAINTEXT_RULES, SERVER_RULES, SharedParamsAggregator, make_aggregator
-from fedoap.site.client import pool_sites
-from fedoap.deploy.recipe import HE_RULES, FedOAPRecipe
+from fedoap.server.rules import RULES, FedNovaRule, NoAggregation, WeightedMean, rule_for_job
+from fedoap.site.session import pool_sites
+from fedoap.config import RunConfig
 from fedoap.methods import Centralized, FedAvg, get_method
 from fedoap.simulation import _unpool_history
 from fedoap.training import LocalTrainer, TrainConfig
@@ -77,15 +77,14 @@ def test_a_method_with_its_own_step_loss_refuses_dp_sgd():
     assert FedAvg().dp_sgd_conflict is None
 
 
-def test_server_rule_registry():
-    assert {"weighted_mean", "fednova"} <= set(SERVER_RULES) and "fednova" in PLAINTEXT_RULES
-    assert "weighted_mean" in HE_RULES and not (HE_RULES & PLAINTEXT_RULES)
-    agg = make_aggregator("weighted_mean", {"w": np.ones(2)}, {"w": np.zeros(2)})
-    assert isinstance(agg, SharedParamsAggregator)
+def test_server_rules_are_classes_a_method_names():
+    assert {WeightedMean, FedNovaRule} <= set(RULES) and WeightedMean.linear and not FedNovaRule.linear
+    agg = rule_for_job(WeightedMean, {}, {"w": np.zeros(2)})
+    assert isinstance(agg, WeightedMean)
     agg.add("a", {"w": np.full(2, 3.0)}, weight=1, steps=7)  # steps is accepted and ignored by the weighted mean
     np.testing.assert_allclose(agg.result()["w"], 3.0)
-    with pytest.raises(ValueError, match="unknown server rule 'median'"):
-        make_aggregator("median", {}, {})
+    with pytest.raises(ValueError, match="server_rule must be a ServerRule class"):
+        rule_for_job("median", {}, {})
 
 
 # -- the centralized reference ---------------------------------------------------------------------------------------
@@ -97,11 +96,11 @@ def test_centralized_pools_every_split_and_shares_nothing():
     np.testing.assert_array_equal(pooled.train.images[5:], b.train.images)
     assert pooled.train.case_ids[0] == "a/c0" and pooled.train.case_ids[-1] == "b/c3"
     method = get_method("centralized")
-    assert isinstance(method, Centralized) and method.pooled and method.server_rule == "none"
+    assert isinstance(method, Centralized) and method.pooled and method.server_rule is NoAggregation
     assert method.shared_keys(method.build_model(TINY)) == []
     assert "centralized reference" in method.dp_sgd_conflict
     with pytest.raises(ValueError, match="homomorphic encryption"):
-        FedOAPRecipe(min_clients=1, data_root="/d", method="centralized", model_args=TINY, he=True)
+        RunConfig.from_options(method="centralized", he=True)
 
 
 def test_centralized_history_is_reported_per_site():

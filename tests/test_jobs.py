@@ -1,5 +1,5 @@
 """The committed NVFlare jobs (jobs/) are exactly what `fedoap export-jobs` generates, carry no code and no data path,
-and use only classes the shipped site allow-list admits."""
+carry their options as one run configuration file, and use only classes the shipped site allow-list admits."""
 
 import filecmp
 import json
@@ -10,9 +10,9 @@ import pytest
 
 from nvflare.app_common.widgets.component_path_authorizer import ComponentPathAuthorizer
 
-from fedoap.site import client as client_script
+from fedoap.config import RUN_CONFIG_FILE, RunConfig
 from fedoap.site.executor import CLIENT_SCRIPT, resolve_client_script
-from fedoap.deploy.jobs import JOBS, export_jobs
+from fedoap.deploy.jobs import JOB_TRAINING, JOBS, export_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS_DIR = ROOT / "jobs"
@@ -67,10 +67,12 @@ def test_job_carries_no_code_no_data_path_and_only_allowed_classes(name):
     (executor,) = client["executors"]
     assert executor["executor"]["path"] == "fedoap.site.executor.FedOAPExecutor"
     exec_args = executor["executor"]["args"]
-    assert set(exec_args) == {"task_script_args"}  # no script path, command or mode: the executor fixes them
-    parsed = client_script.build_parser().parse_args(exec_args["task_script_args"].split())
-    assert parsed.data_root == "" and parsed.unseen_dir == ""  # each site's own configuration says where
-    assert parsed.method == JOBS[name].method and parsed.he == JOBS[name].he
+    assert exec_args == {}  # no script path, script arguments, command or mode: the executor fixes them
+    parsed = RunConfig.load(job / "app" / "config" / RUN_CONFIG_FILE)  # the job's options, one file
+    assert parsed.data.set_fields() == []  # each site's own configuration says where its data is
+    assert parsed == RunConfig(training=JOB_TRAINING).override(**JOBS[name].options)
+    assert parsed.method.name == JOBS[name].options["method"] and parsed.privacy.he == JOBS[name].options.get("he",
+                                                                                                            False)
     meta = json.loads((job / "meta.json").read_text())
     assert meta["name"] == name and "scope" not in meta  # the site's default scope applies
     assert next(iter(meta)) == "name"  # a scalar first: `nvflare job submit` mangles a file that starts with an object
@@ -92,5 +94,6 @@ def test_byoc_export_carries_the_whole_package(tmp_path):
     package = job / "app" / "custom" / "fedoap"
     assert (package / "__init__.py").is_file() and (package / "site" / "client.py").is_file()
     assert (package / "methods" / "__init__.py").is_file() and not list(package.rglob("__pycache__"))
-    assert filecmp.cmp(job / "app" / "config" / "config_fed_client.json",
-                       JOBS_DIR / "fedoap" / "app" / "config" / "config_fed_client.json", shallow=False)
+    for config in ("config_fed_client.json", RUN_CONFIG_FILE):
+        assert filecmp.cmp(job / "app" / "config" / config, JOBS_DIR / "fedoap" / "app" / "config" / config,
+                           shallow=False)

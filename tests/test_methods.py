@@ -12,6 +12,7 @@ from fedoap.losses import BCEDiceLoss, PerturbedBoundaryLoss
 from fedoap.methods import METHODS, FedAvg, FedBN, FedPer, FedProx, LocalOnly, get_method
 from fedoap.methods.fedbn import NORM_TYPES
 from fedoap.privacy.dp import DPSGDConfig
+from fedoap.server.rules import FedNovaRule, NoAggregation, WeightedMean
 from fedoap.training import LocalTrainer, TrainConfig
 
 MODEL_ARGS = {"channels": [4, 8, 16, 32], "bottleneck_channels": 64}
@@ -153,7 +154,7 @@ def test_fedper_prefixes_match_on_dot_boundaries_and_must_exist():
 
 def test_local_only_shares_nothing_and_loads_an_empty_broadcast():
     method = get_method("local")
-    assert isinstance(method, LocalOnly) and method.server_rule == "none"
+    assert isinstance(method, LocalOnly) and method.server_rule is NoAggregation
     trainer = tiny_trainer(method)
     assert trainer.shared_keys == [] and trainer.shared_params() == {}
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -227,8 +228,8 @@ def test_fednova_and_fedgs_share_everything_and_say_how_the_server_combines():
     for method in (FedNova(), FedGS()):
         assert method.shared_keys(model) == FedAvg().shared_keys(model)
         assert isinstance(method.train_loss(), BCEDiceLoss)
-    assert FedNova().server_rule == "fednova" and FedNova().weight_by == "samples"
-    assert FedGS().server_rule == "weighted_mean" and FedGS().weight_by == "steps"
+    assert FedNova().server_rule is FedNovaRule and FedNova().weight_by == "samples"
+    assert FedGS().server_rule is WeightedMean and FedGS().weight_by == "steps"
     assert FedNova().dp_sgd_conflict is None and FedAvg().dp_sgd_conflict is None
     assert "step" in FedGS().dp_sgd_conflict and not FedGS().has_regularizer
 
@@ -409,6 +410,7 @@ def test_aggregation_weight_is_samples_or_steps():
 
 
 def test_dp_sgd_is_refused_for_fedgs_and_allowed_for_fednova():
+    from fedoap.config import RunConfig
     from fedoap.deploy.recipe import FedOAPRecipe
 
     dp = DPSGDConfig(noise_multiplier=1.0)
@@ -416,9 +418,9 @@ def test_dp_sgd_is_refused_for_fedgs_and_allowed_for_fednova():
         tiny_trainer(FedGS(), dp=dp)
     assert tiny_trainer(FedNova(), dp=dp).dp is not None
     with pytest.raises(ValueError, match="'fedgs' scales each step"):
-        FedOAPRecipe(min_clients=2, data_root="/d", method="fedgs", model_args=MODEL_ARGS, dp={"dp_sgd_noise": 1.0})
+        FedOAPRecipe(min_clients=2, config=RunConfig.from_options(method="fedgs", width=4, dp_sgd_noise=1.0))
     # client-level DP of the update composes with both; HE with FedGS (a weighted mean), not with FedNova
-    FedOAPRecipe(min_clients=2, data_root="/d", method="fedgs", model_args=MODEL_ARGS, he=True,
-                 dp={"dp_update_clip": 1.0, "dp_update_noise": 1.0})
+    FedOAPRecipe(min_clients=2, config=RunConfig.from_options(method="fedgs", width=4, he=True, dp_update_clip=1.0,
+                                                              dp_update_noise=1.0))
     with pytest.raises(ValueError, match="'fednova'.*needs plaintext"):
-        FedOAPRecipe(min_clients=2, data_root="/d", method="fednova", model_args=MODEL_ARGS, he=True)
+        FedOAPRecipe(min_clients=2, config=RunConfig.from_options(method="fednova", width=4, he=True))

@@ -27,7 +27,8 @@ from fedoap.cli import main as fedoap_main
 from fedoap.data import generate_federation
 from fedoap.server.controller import ENCRYPTED_CHECKPOINT, load_encrypted_checkpoint
 from fedoap.protocol import HISTORY_FILE
-from fedoap.deploy.jobs import JobSettings, export_jobs
+from fedoap.config import RUN_CONFIG_FILE, RunConfig
+from fedoap.deploy.jobs import JOB_TRAINING, export_jobs
 from fedoap.site.outputs import find_site_outputs, load_detail
 from fedoap.site.policy import SiteDPPolicy
 from fedoap.site.privacy import PUBLIC_DECIMALS
@@ -36,7 +37,6 @@ from fedoap.privacy.ledger import UNIT_SITE, PrivacyLedger, ledger_path
 from fedoap.privacy.dp import update_dp_epsilon
 from fedoap.networks import FedOAPNet
 from fedoap.privacy.he import HE_KEY_PREFIX
-from fedoap.simulation import unet_model_args
 
 pytestmark = [pytest.mark.poc, pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")]
 
@@ -215,15 +215,22 @@ def poc(tmp_path_factory):
                  if stopped["after_poc_stop"] else ""))
 
 
-#: what a job submitter tried against the first version: another script, a command, the site's data folders
+#: what a job submitter tried against the first version (another script, a command, its own script arguments) and
+#: through the job's run configuration (the site's data folders, its secrets): executor arguments and run
+#: configuration changes of each attack job
 ATTACK_JOBS = {
-    "foreign_script": {"task_script_path": "timeit.py", "task_script_args": "-n 1 pass"},
-    "external_command": {"execution_mode": "external_process", "command": "python -m timeit pass"},
-    "data_root": {"task_script_args": "--method fedoap --rounds 1 --data-root /"},
+    "foreign_script": ({"task_script_path": "timeit.py", "task_script_args": "-n 1 pass"}, {}),
+    "external_command": ({"execution_mode": "external_process", "command": "python -m timeit pass"}, {}),
+    "script_args": ({"task_script_args": "--run-config /etc/hostname"}, {}),
+    "data_root": ({}, {"data": {"data_root": "/"}, "training": {"rounds": 1}}),
+    "site_secret": ({}, {"method": {"name": "fedoap", "args": {"partition": "${secret:HOME}"}}}),
 }
 
 
-def _attack_job(parent: Path, name: str, executor_args: dict) -> Path:
+def _attack_job(parent: Path, name: str, attack: tuple) -> Path:
+    from fedoap.config import RUN_CONFIG_FILE
+
+    executor_args, run_config_changes = attack
     job = parent / name
     shutil.copytree(ROOT / "jobs" / "fedoap", job)
     meta = json.loads((job / "meta.json").read_text())
@@ -232,6 +239,11 @@ def _attack_job(parent: Path, name: str, executor_args: dict) -> Path:
     config = json.loads(config_file.read_text())
     config["executors"][0]["executor"]["args"].update(executor_args)
     config_file.write_text(json.dumps(config, indent=2))
+    run_config_file = job / "app" / "config" / RUN_CONFIG_FILE
+    run_config = json.loads(run_config_file.read_text())
+    for group, values in run_config_changes.items():
+        run_config[group].update(values)
+    run_config_file.write_text(json.dumps(run_config, indent=2))
     return job
 
 
@@ -261,7 +273,7 @@ def test_server_holds_only_ciphertext_of_the_shared_part(poc):
     saved = load_encrypted_checkpoint(server / "app_server" / ENCRYPTED_CHECKPOINT)
     assert saved["encrypted_shared"] and all(k.startswith(HE_KEY_PREFIX) for k in saved["encrypted_shared"])
     assert not list(server.rglob("FL_global_model.pt")) and not list(server.rglob("*best*.pt"))
-    net = FedOAPNet(**unet_model_args(JobSettings().width))
+    net = FedOAPNet(**JOB_TRAINING.model_args())
     plaintext = sum(net.state_dict()[k].numel() * 4 for k in net.shared_keys)
     history = json.loads((server / HISTORY_FILE).read_text())
     for record in history["rounds"]:
@@ -297,8 +309,7 @@ def test_site_policy_applies_dp_to_jobs_that_ask_for_none(poc):
     site = SiteDPPolicy(**entry["args"])
     for job in ("fedoap", "fedoap_he"):
         assert poc.results[job]["status"] == "FINISHED:COMPLETED", poc.results[job]
-        args = json.loads((ROOT / "jobs" / job / "app" / "config" / "config_fed_client.json").read_text())
-        assert "--dp-update-clip" not in args["executors"][0]["executor"]["args"]["task_script_args"]
+        assert RunConfig.load(ROOT / "jobs" / job / "app" / "config" / RUN_CONFIG_FILE).privacy.dp_update_clip == 0
         history = json.loads((poc.download(poc.ids[job]) / HISTORY_FILE).read_text())
         for rnd, record in enumerate(history["rounds"], start=1):
             for name in SITES:

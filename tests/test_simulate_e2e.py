@@ -82,3 +82,38 @@ def test_existing_results_are_not_overwritten(run, capsys):
     assert main(["simulate", *ARGS, "--out", str(out)]) == 2
     assert "results.json exists" in capsys.readouterr().err
     assert (out / "results.json").read_bytes() == before
+
+
+def test_ctrl_c_ends_the_simulation_and_every_process_it_started(tmp_path):
+    """Ctrl-C as a terminal sends it (to the command's process group) while the simulator runs: "interrupted", exit
+    status 130, no traceback, and no process of the run left behind (the simulator runs in a session of its own)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    run = subprocess.Popen([sys.executable, "-m", "fedoap.cli", "simulate", *ARGS, "--rounds", "20",
+                            "--out", str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=env, start_new_session=True)
+    started, deadline, seen = False, time.time() + 240, set()
+    while time.time() < deadline and run.poll() is None:
+        children = psutil.Process(run.pid).children(recursive=True)
+        seen |= {p.pid for p in children}
+        if len(children) >= 3:  # the simulator, its server and a site: the federation is running
+            started = True
+            break
+        time.sleep(0.5)
+    assert started, run.communicate(timeout=60)
+    time.sleep(3)
+    seen |= {p.pid for p in psutil.Process(run.pid).children(recursive=True)}
+    os.killpg(run.pid, signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err
+    assert err.endswith("fedoap: interrupted\n") and "Traceback" not in err, err
+    time.sleep(2)
+    left = [pid for pid in seen if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert not left, [psutil.Process(pid).cmdline() for pid in left]

@@ -1,11 +1,11 @@
 """A deployed site reads its data location from its own configuration file, and says which file and key are wrong."""
 
 import json
-from argparse import Namespace
 
 import pytest
 
-from fedoap.site import client as client_script
+from fedoap.config import DataOptions
+from fedoap.site import session as client_script
 from fedoap.site.site_config import (SITE_CONFIG_ENV, SiteConfigError, find_site_config, load_site_config,
                                    write_site_config)
 
@@ -23,8 +23,8 @@ def _write(site, content) -> None:
     (site / "ws" / "local" / "fedoap_site.json").write_text(json.dumps(content))
 
 
-def _args(**kw) -> Namespace:
-    return client_script.build_parser().parse_args([f"--{k.replace('_', '-')}={v}" for k, v in kw.items()])
+def _args(**kw) -> DataOptions:
+    return DataOptions(**{k: str(v) for k, v in kw.items()})
 
 
 def test_a_job_without_a_data_path_reads_the_site_configuration(site):

@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,25 +20,25 @@ import numpy as np
 import torch
 from monai.data import DataLoader
 
+from fedoap.config import FederationOptions, RunConfig
 from fedoap.data import load_site
 from fedoap.jsonio import write_json
-from fedoap.methods import get_method
-from fedoap.simulation import SimulationConfig, run_simulation
+from fedoap.simulation import config_record, run_simulation
 
 __all__ = ["bench_train", "plain_monai_loop"]
 
 
-def plain_monai_loop(cfg: SimulationConfig, site: str, data_root: Path, epochs: int) -> dict[str, float]:
-    """Images/s of a plain training loop (no federation, no flips) on one site's training split."""
-    data = load_site(data_root / site, image_size=cfg.image_size, seed=cfg.seed, name=site)
-    method = get_method(cfg.method, **cfg.method_args)
-    torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
-    model = method.build_model(cfg.model_args()).to(device)
-    loss_fn = method.train_loss()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-5)
+def plain_monai_loop(run: RunConfig, site: str, data_root: Path, epochs: int) -> dict[str, float]:
+    """Images/s of a plain training loop (no federation, no flips) on one site's training split, with the same
+    network (built with the same seed) as the federation's sites."""
+    t = run.training
+    data = load_site(data_root / site, image_size=t.image_size, seed=t.seed, name=site)
+    device = torch.device(t.device)
+    model = run.build_model().to(device)
+    loss_fn = run.method.instance.train_loss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=1e-5)
     dataset = torch.utils.data.TensorDataset(torch.from_numpy(data.train.images), torch.from_numpy(data.train.labels))
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=0)
+    loader = DataLoader(dataset, batch_size=t.batch_size, shuffle=True, num_workers=0)
     rates = []
     for _ in range(epochs + 1):  # the first epoch is warm-up
         model.train()
@@ -56,24 +55,25 @@ def plain_monai_loop(cfg: SimulationConfig, site: str, data_root: Path, epochs: 
     return {"images_per_s": float(np.median(rates[1:])), "n_images": len(dataset), "epochs": epochs}
 
 
-def bench_train(cfg: SimulationConfig) -> dict[str, Any]:
+def bench_train(run: RunConfig, federation: FederationOptions, out: str | os.PathLike) -> dict[str, Any]:
     """Run the benchmark, print the table, write ``<out>/bench_train.json``; return the record."""
-    if cfg.rounds < 2:
-        raise ValueError("bench train needs at least 2 rounds (the first one is warm-up)")
-    threads = cfg.threads or max(1, (os.cpu_count() or 1) // len(cfg.clients))
-    cfg = replace(cfg, threads=threads, finetune_epochs=0)
-    out = Path(cfg.out).resolve()
-    sim = run_simulation(replace(cfg, out=str(out / "federated"), overwrite=True), verbose=False)
+    if run.training.rounds < 2:
+        raise ValueError("--rounds: bench train needs at least 2 rounds (the first one is warm-up)")
+    threads = run.training.threads or max(1, (os.cpu_count() or 1) // len(federation.clients))
+    run = run.override(threads=threads, finetune_epochs=0)
+    t = run.training
+    out = Path(out).resolve()
+    sim = run_simulation(run, federation, out / "federated", overwrite=True, verbose=False)
     history = json.loads((Path(sim["workspace"]) / "server" / "simulate_job" / "fedoap_history.json").read_text())
     data_root = Path(sim["config"]["data"] or out / "federated" / "data")
 
     torch.set_num_threads(threads)
     rows = []
-    for site in cfg.clients:
+    for site in federation.clients:
         counted = history["rounds"][1:]
         fed_train = float(np.median([r["sites"][site]["images_per_s"] for r in counted]))
-        round_rates = [r["sites"][site]["n_samples"] * cfg.local_epochs / r["round_seconds"] for r in counted]
-        plain = plain_monai_loop(cfg, site, data_root, epochs=max(2, (cfg.rounds - 1) * cfg.local_epochs))
+        round_rates = [r["sites"][site]["n_samples"] * t.local_epochs / r["round_seconds"] for r in counted]
+        plain = plain_monai_loop(run, site, data_root, epochs=max(2, (t.rounds - 1) * t.local_epochs))
         rows.append({
             "site": site,
             "federated_train_images_per_s": fed_train,
@@ -84,10 +84,10 @@ def bench_train(cfg: SimulationConfig) -> dict[str, Any]:
         })
     record = {
         "benchmark": "train",
-        "device": cfg.device if cfg.device == "cpu" else torch.cuda.get_device_name(torch.device(cfg.device)),
+        "device": t.device if t.device == "cpu" else torch.cuda.get_device_name(torch.device(t.device)),
         "cpu": platform.processor() or platform.machine(),
         "torch_threads_per_site": threads,
-        "config": {k: v for k, v in vars(cfg).items()},
+        "config": config_record(run, federation),
         "rows": rows,
     }
     write_json(out / "bench_train.json", record)

@@ -31,9 +31,9 @@ from typing import Any, Callable
 
 import torch
 
-from fedoap.data import DEFAULT_SITES, generate_federation, load_site
-from fedoap.jsonio import write_json
-from fedoap.methods import get_method
+from fedoap.config import MethodOptions, PrivacyOptions, RunConfig, TrainingOptions
+from fedoap.data import DEFAULT_SITES, load_site
+from fedoap.jsonio import to_jsonable, write_json
 from fedoap.privacy.dp import DPSGDConfig, clip_and_noise, per_sample_loss
 from fedoap.privacy.he import (
     HEConfig,
@@ -45,32 +45,36 @@ from fedoap.privacy.he import (
     to_params,
 )
 from fedoap.privacy.secure_random import secure_normal
-from fedoap.simulation import unet_model_args
 from fedoap.training import LocalTrainer, TrainConfig
 
-__all__ = ["PrivacyBenchConfig", "bench_privacy"]
+__all__ = ["PrivacyBench", "bench_privacy"]
 
 #: the CKKS parameters NVFlare's HEBuilder provisions by default (its HE recipe encrypts each tensor separately)
 NVFLARE_HE = HEConfig(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 40, 40), global_scale_bits=40)
 
 
-@dataclass
-class PrivacyBenchConfig:
-    out: str = "runs/bench_privacy"
-    width: int = 16
-    image_size: int = 64
+@dataclass(frozen=True)
+class PrivacyBench:
+    """What the privacy benchmark measures with: the run configuration's training and DP-SGD options (one source of
+    truth with every other command), and the benchmark's own counts."""
+
+    training: TrainingOptions
+    privacy: PrivacyOptions
     n_sites: int = 3
     site: str = "brain"
-    batch_size: int = 16
     epochs: int = 2
-    dp_noise_multiplier: float = 1.0
-    dp_max_grad_norm: float = 1.0
-    seed: int = 0
-    threads: int = 0
     noise_values_large: int = 34_000_000  # about the authors' full-size FedOAP network
 
-    def model_args(self) -> dict[str, Any]:
-        return unet_model_args(self.width)
+    def __post_init__(self) -> None:
+        for name in ("n_sites", "epochs"):
+            if getattr(self, name) < 1:
+                flag = "--sites" if name == "n_sites" else "--epochs"
+                raise ValueError(f"{flag} must be >= 1, got {getattr(self, name)}")
+
+    def model(self, method: str):
+        """``method``'s network at the benchmark's width, seeded, with the method object."""
+        run = RunConfig(training=self.training, method=MethodOptions(name=method))
+        return run.build_model(), run.method.instance
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -79,14 +83,12 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
-def _he_rows(cfg: PrivacyBenchConfig) -> list[dict[str, Any]]:
+def _he_rows(cfg: PrivacyBench) -> list[dict[str, Any]]:
     ours_server, ours_client = create_contexts(HEConfig())
     _, stock_client = create_contexts(NVFLARE_HE)
     rows = []
     for method_name in ("fedoap", "fedavg"):
-        method = get_method(method_name)
-        torch.manual_seed(cfg.seed)
-        model = method.build_model(cfg.model_args())
+        model, method = cfg.model(method_name)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         shared = {k: state[k] for k in method.shared_keys(model)}
         weights = [100 + 10 * i for i in range(cfg.n_sites)]
@@ -129,22 +131,21 @@ def _images_per_s(epoch: Callable[[], Any], n_images: int, epochs: int) -> float
     return n_images * epochs / seconds
 
 
-def _dp_rows(cfg: PrivacyBenchConfig, data_root: Path) -> dict[str, Any]:
+def _dp_rows(cfg: PrivacyBench, data_root: Path) -> dict[str, Any]:
     from opacus import PrivacyEngine
 
-    data = load_site(data_root / cfg.site, image_size=cfg.image_size, seed=cfg.seed, name=cfg.site)
-    method = get_method("fedoap")
-    train_cfg = TrainConfig(batch_size=cfg.batch_size, seed=cfg.seed, augment=False)
+    t, p = cfg.training, cfg.privacy
+    data = load_site(data_root / cfg.site, image_size=t.image_size, seed=t.seed, name=cfg.site)
+    train_cfg = TrainConfig(batch_size=t.batch_size, lr=t.lr, seed=t.seed, augment=False)
     n = len(data.train)
 
     def trainer(dp: DPSGDConfig | None) -> LocalTrainer:
-        torch.manual_seed(cfg.seed)
-        return LocalTrainer(method.build_model(cfg.model_args()), method, data.train, data.val, train_cfg, dp=dp)
+        model, method = cfg.model("fedoap")
+        return LocalTrainer(model, method, data.train, data.val, train_cfg, dp=dp)
 
     def dp_rate(noise_source: str) -> tuple[float, LocalTrainer]:
         """Images trained on per second (what Poisson sampling drew), timed as the trainer reports them."""
-        dp_cfg = DPSGDConfig(max_grad_norm=cfg.dp_max_grad_norm, noise_multiplier=cfg.dp_noise_multiplier,
-                             noise_source=noise_source)
+        dp_cfg = DPSGDConfig(max_grad_norm=p.dp_sgd_clip, noise_multiplier=p.dp_sgd_noise, noise_source=noise_source)
         site = trainer(dp_cfg)
         site.train_round()  # warm-up
         rounds = [site.train_round() for _ in range(cfg.epochs)]
@@ -156,14 +157,13 @@ def _dp_rows(cfg: PrivacyBenchConfig, data_root: Path) -> dict[str, Any]:
     ours_rate, ours = dp_rate("chacha20")
     os_seeded_rate, _ = dp_rate("os_seeded")
 
-    torch.manual_seed(cfg.seed)
-    model = method.build_model(cfg.model_args())
+    model, method = cfg.model("fedoap")
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     dataset = torch.utils.data.TensorDataset(torch.from_numpy(data.train.images), torch.from_numpy(data.train.labels))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, shuffle=True)
     model, optimizer, loader = PrivacyEngine().make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=cfg.dp_noise_multiplier,
-        max_grad_norm=cfg.dp_max_grad_norm,
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=p.dp_sgd_noise,
+        max_grad_norm=p.dp_sgd_clip,
     )
     loss_fn = per_sample_loss(method.train_loss())
 
@@ -192,15 +192,14 @@ def _dp_rows(cfg: PrivacyBenchConfig, data_root: Path) -> dict[str, Any]:
     }
 
 
-def _noise_rows(cfg: PrivacyBenchConfig) -> list[dict[str, Any]]:
+def _noise_rows(cfg: PrivacyBench) -> list[dict[str, Any]]:
     """Seconds to noise one client-level release: a seeded ``torch.randn`` against ``secure_normal``, side by side."""
-    method = get_method("fedoap")
-    model = method.build_model(cfg.model_args())
+    model, method = cfg.model("fedoap")
     shared = sum(v.numel() for k, v in model.state_dict().items() if k in set(method.shared_keys(model)))
     secure_normal((1000,), 1.0)  # warm-up of the cipher's backend
     rows = []
     for n in (shared, cfg.noise_values_large):
-        generator = torch.Generator().manual_seed(cfg.seed)
+        generator = torch.Generator().manual_seed(cfg.training.seed)
         _, randn_s = _timed(lambda: torch.randn(n, generator=generator))
         _, secure_s = _timed(lambda: secure_normal((n,), 1.0))
         update = {"shared": torch.full((n,), 1e-3)}
@@ -211,22 +210,33 @@ def _noise_rows(cfg: PrivacyBenchConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def bench_privacy(cfg: PrivacyBenchConfig) -> dict[str, Any]:
-    """Run both parts, print the tables, write ``<out>/bench_privacy.json``; return the record."""
-    threads = cfg.threads or os.cpu_count() or 1
+def bench_privacy(training: TrainingOptions, privacy: PrivacyOptions, n_sites: int = 3, epochs: int = 2,
+                  out: str | os.PathLike = "runs/bench_privacy") -> dict[str, Any]:
+    """Run the three parts, print the tables, write ``<out>/bench_privacy.json``; return the record.
+
+    Args:
+        training: network width, image size, batch size, seed and threads of the measurements.
+        privacy: DP-SGD's noise multiplier (``dp_sgd_noise``, > 0) and clip norm.
+        n_sites: sites whose updates the server combines. epochs: timed training epochs (after one warm-up).
+    """
+    from fedoap.simulation import synthetic_federation
+
+    if privacy.dp_sgd_noise <= 0:
+        raise ValueError(f"--dp-sgd-noise must be > 0 to measure DP-SGD, got {privacy.dp_sgd_noise}")
+    cfg = PrivacyBench(training=training, privacy=privacy, n_sites=n_sites, epochs=epochs)
+    threads = training.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", message="Full backward hook")  # Opacus's hooks on an input without grad
     warnings.filterwarnings("ignore", message="Secure RNG turned off")  # the textbook Opacus loop's, as expected
-    out = Path(cfg.out).resolve()
-    data_root = out / "data"
-    if not (data_root / cfg.site / "dataset.json").is_file():
-        generate_federation(data_root, sites={cfg.site: DEFAULT_SITES[cfg.site]}, seed=cfg.seed, overwrite=True)
+    out = Path(out).resolve()
+    data_root = synthetic_federation(out / "data", {cfg.site: DEFAULT_SITES[cfg.site]}, training.seed, 128,
+                                     replace=True)
 
     he = _he_rows(cfg)
     dp = _dp_rows(cfg, data_root)
     noise = _noise_rows(cfg)
     record = {"benchmark": "privacy", "cpu": platform.processor() or platform.machine(), "torch_threads": threads,
-              "config": asdict(cfg), "he_one_round_per_site": he, "dp_sgd_training": dp,
+              "config": to_jsonable(asdict(cfg)), "he_one_round_per_site": he, "dp_sgd_training": dp,
               "update_noise_seconds": noise}
     write_json(out / "bench_privacy.json", record)
 
@@ -242,8 +252,8 @@ def bench_privacy(cfg: PrivacyBenchConfig) -> dict[str, Any]:
               f"{r['packed_he_server_add_s']:>9.2f} {r['packed_he_decrypt_s']:>6.2f} "
               f"{r['nvflare_per_layer_he_bytes'] / mb:>14.2f} {r['nvflare_per_layer_he_encrypt_s']:>6.2f} "
               f"{r['nvflare_per_layer_over_packed_bytes']:>9.2f}")
-    print(f"\nDP-SGD training on {dp['site']} ({dp['n_train_images']} images, batch {cfg.batch_size}, "
-          f"sigma {cfg.dp_noise_multiplier}, clip {cfg.dp_max_grad_norm}), images/s")
+    print(f"\nDP-SGD training on {dp['site']} ({dp['n_train_images']} images, batch {training.batch_size}, "
+          f"sigma {privacy.dp_sgd_noise}, clip {privacy.dp_sgd_clip}), images/s")
     print(f"plain {dp['plain_images_per_s']:.1f} | ours (DP-SGD) {dp['dp_sgd_ours_images_per_s']:.1f} | "
           f"plain Opacus loop {dp['dp_sgd_opacus_loop_images_per_s']:.1f} | ours/plain {dp['ours_over_plain']:.2f} "
           f"| ours/Opacus {dp['ours_over_opacus_loop']:.2f}")

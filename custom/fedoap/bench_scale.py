@@ -15,18 +15,23 @@ import os
 import platform
 import threading
 import time
-from dataclasses import replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from fedoap.config import FederationOptions, MethodOptions, RunConfig, TrainingOptions
 from fedoap.jsonio import write_json
-from fedoap.simulation import SimulationConfig, run_simulation
 
-__all__ = ["ScaleConfig", "scale_sites", "bench_scale", "PeakMemory"]
+__all__ = ["SCALE_TRAINING", "scale_sites", "bench_scale", "PeakMemory"]
 
 ORGAN_CYCLE = ("brain", "liver", "breast")
+#: the scale benchmark's training (a partial override of the defaults): small, the point is the federation's size
+SCALE_TRAINING = {"rounds": 3, "local_epochs": 1, "finetune_epochs": 1, "image_size": 32, "width": 8,
+                  "batch_size": 8, "threads": 1}
+#: the synthetic sites' in-plane size
+SCALE_DATA_SIZE = 64
 
 
 def scale_sites(n_sites: int, smallest: float = 0.25, seed: int = 0) -> dict[str, tuple[str, int]]:
@@ -99,39 +104,6 @@ class PeakMemory:
         self._thread.join()
 
 
-class ScaleConfig:
-    """Settings of the scale benchmark (stored in its JSON).
-
-    Args:
-        out: output folder. n_sites: number of sites. methods: methods run side by side.
-        rounds, local_epochs, finetune_epochs, image_size, width, batch_size: training settings (small by default:
-            the point is the federation's size, not the model's).
-        processes: simulator client processes (0: one per site).
-        smallest: the smallest site's share of its organ's default number of cases. seed: data, split and
-            initialization seed.
-    """
-
-    def __init__(self, out: str = "runs/bench_scale", n_sites: int = 30,
-                 methods: Sequence[str] = ("fedoap", "fedavg"), rounds: int = 3, local_epochs: int = 1,
-                 finetune_epochs: int = 1, image_size: int = 32, width: int = 8, batch_size: int = 8,
-                 processes: int = 0, smallest: float = 0.25, seed: int = 0) -> None:
-        self.out = out
-        self.n_sites = n_sites
-        self.methods = list(methods)
-        self.rounds = rounds
-        self.local_epochs = local_epochs
-        self.finetune_epochs = finetune_epochs
-        self.image_size = image_size
-        self.width = width
-        self.batch_size = batch_size
-        self.processes = processes
-        self.smallest = smallest
-        self.seed = seed
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
-
-
 def _row(method: str, results: dict[str, Any], history: dict[str, Any], peak: PeakMemory, wall: float) -> dict:
     rounds = [r["round_seconds"] for r in history["rounds"]]
     dice = [c["dice"] for c in results["clients"].values() if c["dice"] is not None]
@@ -165,34 +137,35 @@ def scale_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def bench_scale(cfg: ScaleConfig, verbose: bool = True) -> dict[str, Any]:
-    """Run every method of ``cfg`` on one large synthetic federation; print a table and write
-    ``<out>/bench_scale.json``. Returns its content.
+def bench_scale(training: TrainingOptions = TrainingOptions(**SCALE_TRAINING), n_sites: int = 30,
+                methods: Sequence[str] = ("fedoap", "fedavg"), processes: int = 0, smallest: float = 0.25,
+                out: str | os.PathLike = "runs/bench_scale", verbose: bool = True) -> dict[str, Any]:
+    """Run every method on one large synthetic federation; print a table and write ``<out>/bench_scale.json``.
+    Returns its content.
+
+    Args:
+        training: the sites' training (its seed also makes the federation: data, split, initialization).
+        n_sites: number of sites. methods: methods run side by side.
+        processes: simulator client processes (0: one per site).
+        smallest: the smallest site's share of its organ's default number of cases.
 
     Raises:
         fedoap.simulation.SimulationError: a run did not produce its results.
     """
-    from fedoap.data import generate_federation
+    from fedoap.simulation import run_simulation, synthetic_federation
 
     say = print if verbose else (lambda *a, **k: None)
-    out = Path(cfg.out).resolve()
-    sites = scale_sites(cfg.n_sites, cfg.smallest, cfg.seed)
-    data = out / "data"
-    marker = data / "sites.json"
-    if not marker.is_file() or json.loads(marker.read_text()) != {k: list(v) for k, v in sites.items()}:
-        generate_federation(data, sites=sites, seed=cfg.seed, size=64, overwrite=True)
-        write_json(marker, {k: list(v) for k, v in sites.items()})
+    out = Path(out).resolve()
+    sites = scale_sites(n_sites, smallest, training.seed)
+    data = synthetic_federation(out / "data", sites, training.seed, SCALE_DATA_SIZE, replace=True)
     say(f"[scale] {len(sites)} sites: " + ", ".join(f"{k} ({n} cases)" for k, (_, n) in sites.items()))
-    base = SimulationConfig(clients=tuple(sites), unseen=None, data=str(data), rounds=cfg.rounds,
-                            local_epochs=cfg.local_epochs, finetune_epochs=cfg.finetune_epochs,
-                            image_size=cfg.image_size, width=cfg.width, batch_size=cfg.batch_size, seed=cfg.seed,
-                            threads=1, processes=cfg.processes, overwrite=True)
+    federation = FederationOptions(clients=tuple(sites), unseen=None, data=str(data), processes=processes)
     rows = []
-    for method in cfg.methods:
-        run_cfg = replace(base, method=method, out=str(out / method))
+    for method in methods:
+        run = RunConfig(training=training, method=MethodOptions(name=method))
         start = time.time()
         with PeakMemory() as peak:
-            results = run_simulation(run_cfg, verbose=False)
+            results = run_simulation(run, federation, out / method, overwrite=True, verbose=False)
         wall = time.time() - start
         history = json.loads((Path(results["workspace"]) / "server" / "simulate_job" / "fedoap_history.json")
                              .read_text())
@@ -200,7 +173,9 @@ def bench_scale(cfg: ScaleConfig, verbose: bool = True) -> dict[str, Any]:
         say(f"[scale] {method}: {wall:.0f} s, {rows[-1]['mean_round_seconds']:.1f} s/round, peak summed RSS "
             f"{peak.peak_bytes / 2**30:.2f} GB over {peak.peak_processes} processes, machine's used memory "
             f"+{peak.peak_used_increase_bytes / 2**30:.2f} GB")
-    report = {"config": cfg.as_dict(), "sites": {k: list(v) for k, v in sites.items()}, "results": rows,
+    config = {"training": asdict(training), "n_sites": n_sites, "methods": list(methods), "processes": processes,
+              "smallest": smallest, "data_size": SCALE_DATA_SIZE}
+    report = {"config": config, "sites": {k: list(v) for k, v in sites.items()}, "results": rows,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
               "notes": "wall_time_s includes data validation, the simulator's start and stop, the rounds and the "
                        "final fine-tuning; round_seconds is the server's time per round; peak RSS sums this process "

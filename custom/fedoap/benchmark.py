@@ -25,15 +25,14 @@ import shlex
 import shutil
 import time
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from fedoap.eval.metrics import EMPTY_MASK_RULE
+from fedoap.config import FederationOptions, MethodOptions, RunConfig, TrainingOptions, cli_args
 from fedoap.jsonio import to_jsonable, write_json
-from fedoap.simulation import SimulationConfig
 
 __all__ = [
     "PRESETS",
@@ -59,37 +58,37 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fast": {  # brain MRI and breast ultrasound (liver's small lesions need more than a tiny CPU budget)
         "clients": ("brain", "breast"), "unseen": "lung", "cases": {"brain": 6, "breast": 60, "lung": 3},
         "synthetic_size": 64, "image_size": 32, "width": 8, "total_epochs": 16, "local_epochs": 4,
-        "finetune_epochs": 4, "batch_size": 8, "lr": 1e-3, "device": "cpu", "threads": 0, "workers": 2,
+        "finetune_epochs": 4, "batch_size": 8, "workers": 2,
     },
     # one GPU: FL-MedSegBench's 256 x 256 slices and batch 8, the authors' lr 1e-4, 50 federated epochs
     "full": {
         "clients": ("brain", "liver", "breast"), "unseen": "lung",
         "cases": {"brain": 24, "liver": 16, "breast": 150, "lung": 12},
         "synthetic_size": 256, "image_size": 256, "width": 32, "total_epochs": 50, "local_epochs": 1,
-        "finetune_epochs": 10, "batch_size": 8, "lr": 1e-4, "device": "cuda", "threads": 0, "workers": 1,
+        "finetune_epochs": 10, "batch_size": 8, "lr": 1e-4, "device": "cuda", "workers": 1,
     },
 }
-"""Benchmark settings. ``rounds = total_epochs // local_epochs`` unless ``rounds`` is given: changing
+"""Benchmark settings: partial overrides of the run configuration's training options (``fedoap.config``, every
+option but the seed, which each run takes from ``--seeds``) and of the simulated federation's, plus the benchmark's
+own ``total_epochs`` and ``workers``. ``rounds = total_epochs // local_epochs`` unless ``rounds`` is given: changing
 ``local_epochs`` alone trades rounds for local epochs at the same training budget."""
 
-#: keys a caller may override (``--data`` points at real data: one MSD-layout folder per site, used for every seed)
-OVERRIDABLE = ("clients", "unseen", "data", "rounds", "total_epochs", "local_epochs", "finetune_epochs", "image_size",
-               "width", "batch_size", "lr", "device", "threads", "synthetic_size", "workers")
-_POSITIVE_INTS = ("rounds", "total_epochs", "local_epochs", "image_size", "width", "batch_size", "synthetic_size",
-                  "workers")
+_TRAINING = tuple(f.name for f in fields(TrainingOptions) if f.name != "seed")
+_FEDERATION = tuple(f.name for f in fields(FederationOptions))
+#: keys a caller may override (``data`` points at real data: one MSD-layout folder per site, used for every seed)
+OVERRIDABLE = (*_TRAINING, *_FEDERATION, "total_epochs", "workers")
 #: config keys that may differ between an earlier run and now without changing its results
-_RESUME_IGNORED = ("out", "overwrite", "data")
+_RESUME_IGNORED = ("data",)
 RUNS_DIR = "runs"
 DATA_DIR = "data"
-DATA_MARKER = "benchmark_data.json"
 
 
 # -- settings ----------------------------------------------------------------------------------------------------------
 def resolve_settings(preset: str, overrides: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
-    """The preset with the overrides applied and ``rounds`` resolved.
+    """The preset with the overrides applied, checked (by the options' own checks) and ``rounds`` resolved.
 
     Raises:
-        ValueError: an unknown preset or override key, a non-positive count, ``rounds`` together with
+        ValueError: an unknown preset or override key, an invalid option (named), ``rounds`` together with
             ``total_epochs``, or ``total_epochs`` not a multiple of ``local_epochs``.
     """
     if preset not in PRESETS:
@@ -101,24 +100,21 @@ def resolve_settings(preset: str, overrides: Optional[Mapping[str, Any]] = None)
     if "rounds" in overrides and "total_epochs" in overrides:
         raise ValueError("give rounds or total_epochs, not both")
     s = {**PRESETS[preset], **overrides}
-    for key in _POSITIVE_INTS:
-        if key in s and (not isinstance(s[key], int) or s[key] < 1):
-            raise ValueError(f"{key} must be a positive integer, got {s[key]!r}")
-    if not isinstance(s["finetune_epochs"], int) or s["finetune_epochs"] < 0:
-        raise ValueError(f"finetune_epochs must be a non-negative integer, got {s['finetune_epochs']!r}")
-    if "rounds" not in overrides:
-        if s["total_epochs"] % s["local_epochs"]:
+    for key in ("total_epochs", "workers"):
+        if key in s and (isinstance(s[key], bool) or not isinstance(s[key], int) or s[key] < 1):
+            raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {s[key]!r}")
+    training = TrainingOptions(**{k: v for k, v in s.items() if k in _TRAINING and k != "rounds"})
+    if "rounds" in overrides:
+        training = replace(training, rounds=overrides["rounds"])
+    else:
+        if s["total_epochs"] % training.local_epochs:
             raise ValueError(f"total_epochs ({s['total_epochs']}) must be a multiple of local_epochs "
-                             f"({s['local_epochs']})")
-        s["rounds"] = s["total_epochs"] // s["local_epochs"]
-    s["total_epochs"] = s["rounds"] * s["local_epochs"]
-    s["clients"] = tuple(s["clients"])
-    if not s["clients"] or len(set(s["clients"])) != len(s["clients"]):
-        raise ValueError(f"clients must be distinct site names, got {list(s['clients'])}")
-    if s["unseen"] is not None and str(s["unseen"]).lower() == "none":
-        s["unseen"] = None
-    s["preset"] = preset
-    return s
+                             f"({training.local_epochs})")
+        training = replace(training, rounds=s["total_epochs"] // training.local_epochs)
+    federation = FederationOptions(**{k: v for k, v in s.items() if k in _FEDERATION})
+    resolved = {k: v for k, v in asdict(training).items() if k != "seed"}
+    return {**resolved, **asdict(federation), "total_epochs": training.rounds * training.local_epochs,
+            "workers": s["workers"], "preset": preset}
 
 
 #: FedOAP's ablations, selectable in ``--methods`` next to the registered methods: name -> (method, its arguments).
@@ -164,11 +160,7 @@ def benchmark_command(methods: Sequence[str], seeds: Sequence[int], preset: str,
     """The ``fedoap benchmark`` command line that repeats this benchmark (written into ``benchmark.md``)."""
     parts = ["fedoap", "benchmark", "--methods", ",".join(methods), "--seeds", ",".join(map(str, seeds)),
              "--preset", preset, "--out", str(out)]
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        value = ",".join(value) if isinstance(value, (list, tuple)) else value
-        parts += [f"--{key.replace('_', '-')}", str(value)]
+    parts += cli_args(**{k: v for k, v in (overrides or {}).items() if v is not None})
     return shlex.join(parts)
 
 
@@ -273,72 +265,60 @@ def aggregate_runs(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 # -- the benchmark -----------------------------------------------------------------------------------------------------
 def _seed_data(settings: Mapping[str, Any], out: Path, seed: int) -> Path:
     """The seed's data folder: ``--data`` as given, or the synthetic federation generated once under
-    ``out/data/seed<k>`` and kept, so that a resumed benchmark uses the same files. A marker file records what was
-    generated; sites missing from it are added (a site's files do not depend on the other sites).
+    ``out/data/seed<k>`` and kept (:func:`fedoap.simulation.synthetic_federation`), so that a resumed benchmark uses
+    the same files.
 
     Raises:
         ValueError: a site that is not a synthetic organ, or the folder holds data generated with other settings.
     """
     if settings.get("data"):
         return Path(settings["data"]).resolve()
-    from fedoap.data import generate_federation
-    from fedoap.data.synthetic import DEFAULT_SITES
+    from fedoap.simulation import synthetic_federation, synthetic_sites
 
-    root = (out / DATA_DIR / f"seed{seed}").resolve()
-    sites = list(settings["clients"]) + ([settings["unseen"]] if settings["unseen"] else [])
-    unknown = [s for s in sites if s not in DEFAULT_SITES]
-    if unknown:
-        raise ValueError(f"no synthetic site named {unknown[0]!r} (choose from {sorted(DEFAULT_SITES)}) and no data "
-                         "folder given")
-    cases = settings.get("cases") or {}
-    want = {s: [DEFAULT_SITES[s][0], int(cases.get(s, DEFAULT_SITES[s][1]))] for s in sites}
-    marker_path = root / DATA_MARKER
-    marker = json.loads(marker_path.read_text()) if marker_path.is_file() else {
-        "seed": seed, "size": settings["synthetic_size"], "sites": {}}
-    differ = [s for s in sites if marker["sites"].get(s) not in (None, want[s])]
-    if marker["seed"] != seed or marker["size"] != settings["synthetic_size"] or differ:
-        raise ValueError(f"{root} holds synthetic data generated with other settings ({marker}); choose another out "
-                         "folder")
-    missing = [s for s in sites if s not in marker["sites"] or not (root / s / "dataset.json").is_file()]
-    if missing:
-        generate_federation(root, sites={s: tuple(want[s]) for s in missing}, seed=seed,
-                            size=settings["synthetic_size"], overwrite=True)
-        marker["sites"].update({s: want[s] for s in missing})
-        write_json(marker_path, marker)
-    return root
+    names = list(settings["clients"]) + ([settings["unseen"]] if settings["unseen"] else [])
+    return synthetic_federation(out / DATA_DIR / f"seed{seed}", synthetic_sites(names, settings.get("cases")), seed,
+                                settings["synthetic_size"])
 
 
-def _config(settings: Mapping[str, Any], method: str, seed: int, run_dir: Path, data: Path) -> SimulationConfig:
+@dataclass(frozen=True)
+class PlannedRun:
+    """One method x seed of the benchmark: an ordinary simulation in its own folder."""
+
+    out: str
+    run: RunConfig
+    federation: FederationOptions
+
+
+def _config(settings: Mapping[str, Any], method: str, seed: int, run_dir: Path, data: Path) -> PlannedRun:
     registered, method_args = method_and_args(method)
-    return SimulationConfig(
-        out=str(run_dir), clients=tuple(settings["clients"]), unseen=settings["unseen"], data=str(data),
-        method=registered, method_args=dict(method_args), width=settings["width"], rounds=settings["rounds"],
-        local_epochs=settings["local_epochs"], finetune_epochs=settings["finetune_epochs"],
-        image_size=settings["image_size"], batch_size=settings["batch_size"], lr=settings["lr"], seed=seed,
-        device=settings["device"], threads=settings["threads"], synthetic_size=settings["synthetic_size"],
-    )
+    training = TrainingOptions(**{k: settings[k] for k in _TRAINING}, seed=seed)
+    federation = FederationOptions(**{**{k: settings[k] for k in _FEDERATION}, "data": str(data)})
+    run = RunConfig(training=training, method=MethodOptions(name=registered, args=dict(method_args)))
+    return PlannedRun(out=str(run_dir), run=run, federation=federation)
 
 
-def _config_mismatch(stored: Mapping[str, Any], cfg: SimulationConfig, user_data: bool) -> list[str]:
+def _config_mismatch(stored: Mapping[str, Any], cfg: PlannedRun, user_data: bool) -> list[str]:
     """Keys whose stored value differs from the config this benchmark would run now. The path of generated data is
     not compared (its content follows from the seed, and a benchmark folder may be moved); keys that only one side
-    has (a field added to ``SimulationConfig`` since) are not compared either."""
-    now = to_jsonable(asdict(cfg))
+    has (an option added since) are not compared either."""
+    from fedoap.simulation import config_record
+
+    now = config_record(cfg.run, cfg.federation)
     ignored = set(_RESUME_IGNORED) - ({"data"} if user_data else set())
     return sorted(k for k in set(now) & set(stored) if k not in ignored and now[k] != stored[k])
 
 
-def _run_one(cfg: SimulationConfig) -> tuple[dict[str, Any], float]:
+def _run_one(cfg: PlannedRun) -> tuple[dict[str, Any], float]:
     """One run, timed (module level so that a worker process can run it)."""
     from fedoap.simulation import run_simulation
 
     run_start = time.time()
-    return run_simulation(cfg, verbose=False), time.time() - run_start
+    return run_simulation(cfg.run, cfg.federation, cfg.out, verbose=False), time.time() - run_start
 
 
-def _record(method: str, seed: int, cfg: SimulationConfig, resumed: bool, results: Optional[Mapping[str, Any]],
+def _record(method: str, seed: int, out: str, resumed: bool, results: Optional[Mapping[str, Any]],
             seconds: Optional[float], err: Optional[BaseException] = None) -> dict[str, Any]:
-    record: dict[str, Any] = {"method": method, "seed": seed, "out": cfg.out, "resumed": resumed, "seconds": seconds}
+    record: dict[str, Any] = {"method": method, "seed": seed, "out": out, "resumed": resumed, "seconds": seconds}
     if err is None:
         try:
             record.update(status="ok", summary=summarize_run(results))
@@ -350,29 +330,37 @@ def _record(method: str, seed: int, cfg: SimulationConfig, resumed: bool, result
     return record
 
 
-def _execute(plan: Sequence[tuple[int, str, SimulationConfig, Optional[dict[str, Any]]]], workers: int):
-    """Yield one record per planned run, in plan order: reused runs at once, the others run ``workers`` at a time.
-    A failing run is recorded with its error and traceback; the others go on."""
+#: one planned run: seed, method name, its folder, its configuration (None: it could not be built), the results of an
+#: earlier invocation to reuse (or None), the error that building its configuration raised (or None)
+_Plan = tuple[int, str, str, Optional[PlannedRun], Optional[dict[str, Any]], Optional[BaseException]]
+
+
+def _execute(plan: Sequence[_Plan], workers: int):
+    """Yield one record per planned run, in plan order: reused runs and runs whose configuration failed at once, the
+    others run ``workers`` at a time. A failing run is recorded with its error and traceback; the others go on."""
     import concurrent.futures
     import multiprocessing
 
+    to_run = [i for i, (_, _, _, cfg, previous, _) in enumerate(plan) if cfg is not None and previous is None]
     pool = None
-    if workers > 1 and sum(previous is None for *_, previous in plan) > 1:
+    if workers > 1 and len(to_run) > 1:
         pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers,
                                                       mp_context=multiprocessing.get_context("spawn"))
     try:
-        futures = {i: pool.submit(_run_one, cfg) for i, (*_, cfg, previous) in enumerate(plan)
-                   if previous is None} if pool else {}
-        for i, (seed, method, cfg, previous) in enumerate(plan):
+        futures = {i: pool.submit(_run_one, plan[i][3]) for i in to_run} if pool else {}
+        for i, (seed, method, out, cfg, previous, error) in enumerate(plan):
+            if error is not None:
+                yield _record(method, seed, out, False, None, None, error)
+                continue
             if previous is not None:
-                yield _record(method, seed, cfg, True, previous, 0.0)
+                yield _record(method, seed, out, True, previous, 0.0)
                 continue
             try:
                 results, seconds = futures[i].result() if pool else _run_one(cfg)
             except Exception as err:  # noqa: BLE001 - one method's failure must not end a long benchmark
-                yield _record(method, seed, cfg, False, None, None, err)
+                yield _record(method, seed, out, False, None, None, err)
             else:
-                yield _record(method, seed, cfg, False, results, seconds)
+                yield _record(method, seed, out, False, results, seconds)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -416,29 +404,34 @@ def run_benchmark(
 
     # Each seed's data once, then every run planned and the finished ones checked before anything runs: a benchmark
     # never mixes settings.
-    plan: list[tuple[int, str, SimulationConfig, Optional[dict[str, Any]]]] = []
+    plan: list[_Plan] = []
     for seed in seeds:
         data = _seed_data(settings, out, seed)
         for method in methods:
-            cfg = _config(settings, method, seed, out / RUNS_DIR / method / f"seed{seed}", data)
-            done = Path(cfg.out) / "results.json"
+            run_dir = str(out / RUNS_DIR / method / f"seed{seed}")
+            try:
+                cfg = _config(settings, method, seed, Path(run_dir), data)
+            except Exception as err:  # noqa: BLE001 - a method that cannot be built fails its runs only
+                plan.append((seed, method, run_dir, None, None, err))
+                continue
+            done = Path(run_dir) / "results.json"
             previous = json.loads(done.read_text()) if done.is_file() else None
             if previous is not None:
                 differ = _config_mismatch(previous.get("config", {}), cfg, bool(settings.get("data")))
                 if differ:
                     raise ValueError(f"{done} was made with other settings ({', '.join(differ)} differ); "
                                      "choose another out folder or delete that run")
-            plan.append((seed, method, cfg, previous))
+            plan.append((seed, method, run_dir, cfg, previous, None))
 
     if workers is not None:
         settings["workers"] = workers
     workers = settings["workers"]
     records: list[dict[str, Any]] = []
     start = time.time()
-    for _, _, cfg, previous in plan:
-        if previous is None and Path(cfg.out).exists():  # what a failed or interrupted run left: never read it
-            shutil.rmtree(cfg.out)
-    for i, (record, (seed, method, _, _)) in enumerate(zip(_execute(plan, workers), plan), 1):
+    for _, _, run_dir, _, previous, _ in plan:
+        if previous is None and Path(run_dir).exists():  # what a failed or interrupted run left: never read it
+            shutil.rmtree(run_dir)
+    for i, (record, (seed, method, *_)) in enumerate(zip(_execute(plan, workers), plan), 1):
         records.append(record)
         if record["status"] == "ok":
             sm = record["summary"]
@@ -457,7 +450,7 @@ def run_benchmark(
         "settings": {k: v for k, v in settings.items()},
         "methods": methods,
         "seeds": seeds,
-        "empty_mask_rule": EMPTY_MASK_RULE,
+        "empty_mask_rule": _empty_mask_rule(),
         "headline": "personalized",
         "protocol": "test Dice of the round's model (before fine-tuning) at the round with the best validation Dice "
                     "among rounds r >= floor(T/2) (0-based), per site",
@@ -483,6 +476,12 @@ def run_benchmark(
 
 
 # -- report ------------------------------------------------------------------------------------------------------------
+def _empty_mask_rule() -> str:
+    from fedoap.eval.metrics import EMPTY_MASK_RULE  # MONAI and torch: imported once the runs start, not to check options
+
+    return EMPTY_MASK_RULE
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     return "n/a" if value is None or not math.isfinite(float(value)) else f"{value:.{digits}f}"
 

@@ -13,24 +13,32 @@
     fedoap export-jobs [--out jobs] [--byoc]                                    regenerate the NVFlare jobs in jobs/
     fedoap poc-configure [WORKSPACE] --data DIR [--unseen lung]                 site policies, data, HE keys into a POC
     fedoap site-configure SITE_KIT --data DIR [--unseen DIR]                    one provisioned site's policies and keys
+
+The run options (training, method, privacy, the simulated federation) are generated from ``fedoap.config``, where
+each is declared once; presets (export-jobs, bench) only change defaults. Every bad option is one line and exit
+status 2, before anything starts; Ctrl-C is "interrupted" and exit status 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from typing import Any, Optional, Sequence
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional, Sequence
 
-from fedoap.benchmark import ABLATIONS, PRESETS
-from fedoap.methods import METHODS
-from fedoap.privacy.he_keys import MIN_PASSPHRASE_CHARS, PASSPHRASE_ENV
-from fedoap.simulation import DEFAULT_CLIENTS, DEFAULT_UNSEEN, SimulationConfig
+from fedoap.config import (FederationOptions, PrivacyOptions, TrainingOptions, add_method_flags, add_options,
+                           from_namespace, run_config_from_namespace)
 
 __all__ = ["main", "build_parser"]
 
 
 _HE_KEYS_ACTIONS = ("init", "join", "install-public", "simulation")
+#: the training of ``fedoap bench train`` and ``bench privacy`` (partial overrides of the defaults)
+BENCH_TRAIN = {"rounds": 3, "local_epochs": 1, "finetune_epochs": 0}
+BENCH_PRIVACY = {"width": 16, "image_size": 64, "batch_size": 16}
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -47,101 +55,91 @@ def _seeds(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
 
 
-def _add_run_options(p: argparse.ArgumentParser, defaults: SimulationConfig) -> None:
-    p.add_argument("--clients", type=_csv, default=defaults.clients,
-                   help=f"site names (folders under --data, or synthetic organs); default {','.join(DEFAULT_CLIENTS)}")
-    p.add_argument("--unseen", default=defaults.unseen,
-                   help=f"site never trained on, evaluated by every personalized model; default {DEFAULT_UNSEEN}; "
-                        "'none' to skip")
-    p.add_argument("--data", default=None, help="folder of real data: one MSD-layout sub-folder per site")
-    p.add_argument("--rounds", type=int, default=defaults.rounds)
-    p.add_argument("--local-epochs", type=int, default=defaults.local_epochs)
-    p.add_argument("--finetune-epochs", type=int, default=defaults.finetune_epochs)
-    p.add_argument("--image-size", type=int, default=defaults.image_size, help="slices are resized to SIZE x SIZE")
-    p.add_argument("--width", type=int, default=defaults.width,
-                   help="UNet width w: channels w,2w,4w,8w and 16w at the bottleneck (authors: 64)")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=int, default=defaults.threads, help="torch threads per site (0: auto)")
+# -- each command's options --------------------------------------------------------------------------------------------
+def _simulate_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/simulate", help="the run's folder (default runs/simulate)")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    add_options(p, FederationOptions)
+    add_options(p, TrainingOptions)
+    add_method_flags(p)
+    add_options(p, PrivacyOptions)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    defaults = SimulationConfig()
-    parser = argparse.ArgumentParser(prog="fedoap", description="Personalized federated tumor segmentation on NVFlare")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _export_jobs_options(p: argparse.ArgumentParser) -> None:
+    from fedoap.deploy.jobs import JOB_TRAINING, MIN_CLIENTS
 
-    sim = sub.add_parser("simulate", help="run a federation on the NVFlare simulator and report per-site results")
-    _add_run_options(sim, defaults)
-    sim.add_argument("--method", default=defaults.method,
-                     help=f"one of {', '.join(METHODS)} (local: each site trains alone, the reference)")
-    sim.add_argument("--partition", default="authors", choices=["authors", "kv_only"],
-                     help="FedOAP's shared set: the authors' partition or the key/value branch only")
-    sim.add_argument("--no-pbl", action="store_true", help="fine-tune with the plain loss instead of PBL (ablation)")
-    sim.add_argument("--no-dca", action="store_true",
-                     help="FedOAP without the decoupled cross-attention: a plain shared bottleneck (ablation)")
-    sim.add_argument("--no-adapter", action="store_true", help="FedOAP without the local spatial adapter (ablation)")
-    sim.add_argument("--mu", type=float, default=None, help="FedProx's proximal weight mu (default 1e-3)")
-    sim.add_argument("--out", default=defaults.out)
-    sim.add_argument("--overwrite", action="store_true", help="replace results already in --out")
-    privacy = sim.add_argument_group("privacy (any combination)")
-    privacy.add_argument("--he", action="store_true",
-                         help="encrypt shared updates with TenSEAL CKKS; the server only adds ciphertexts")
-    privacy.add_argument("--dp-update-clip", type=float, default=0.0,
-                         help="client-level DP: clip each site's shared update to this L2 norm (0: off)")
-    privacy.add_argument("--dp-update-noise", type=float, default=0.0,
-                         help="client-level DP: Gaussian noise multiplier sigma (std sigma * clip)")
-    privacy.add_argument("--dp-sgd-noise", type=float, default=0.0,
-                         help="sample-level DP-SGD (Opacus) with this noise multiplier (0: off)")
-    privacy.add_argument("--dp-sgd-epsilon", type=float, default=0.0,
-                         help="sample-level DP-SGD calibrated to this target epsilon over the whole run (0: off)")
-    privacy.add_argument("--dp-sgd-clip", type=float, default=1.0, help="DP-SGD per-sample gradient norm bound")
-    privacy.add_argument("--dp-sgd-unit", choices=("slice", "case"), default="slice",
-                         help="what DP-SGD protects: one slice (per-slice sampling and clipping; the per-case epsilon "
-                              "is reported by group privacy) or one case, i.e. patient (cases sampled, one slice each)")
-    privacy.add_argument("--dp-sgd-noise-source", choices=("chacha20", "os_seeded"), default="chacha20",
-                         help="DP-SGD gradient noise: a ChaCha20 stream keyed by the OS (default) or torch's "
-                              "generator seeded from the OS every epoch (faster, e.g. on a GPU)")
-    privacy.add_argument("--dp-delta", type=float, default=1e-5, help="delta at which epsilon is reported")
+    p.add_argument("--out", default="jobs", help="parent folder of the job folders (default jobs)")
+    p.add_argument("--byoc", action="store_true",
+                   help="put the fedoap package into each job's app/custom (bring-your-own-code; not for jobs/)")
+    p.add_argument("--jobs", type=_csv, default=None, help="comma-separated job names (default: all)")
+    p.add_argument("--min-clients", type=int, default=MIN_CLIENTS,
+                   help=f"sites per round (default {MIN_CLIENTS}, the POC's)")
+    add_options(p, TrainingOptions, defaults=vars(JOB_TRAINING))
 
-    jobs = sub.add_parser("export-jobs", help="export the project's NVFlare jobs (FedOAP plain/DP/HE, FedAvg, FedBN, "
-                                              "Ditto) from the recipes; code pre-installed on sites, data from site "
-                                              "configuration")
-    jobs.add_argument("--out", default="jobs", help="parent folder of the job folders (default jobs)")
-    jobs.add_argument("--byoc", action="store_true",
-                      help="put the fedoap package into each job's app/custom (bring-your-own-code; not for jobs/)")
-    jobs.add_argument("--jobs", type=_csv, default=None, help="comma-separated job names (default: all)")
-    jobs.add_argument("--min-clients", type=int, default=None, help="sites per round (default 2, the POC's)")
-    jobs.add_argument("--rounds", type=int, default=None)
-    jobs.add_argument("--local-epochs", type=int, default=None)
-    jobs.add_argument("--finetune-epochs", type=int, default=None)
-    jobs.add_argument("--image-size", type=int, default=None)
-    jobs.add_argument("--width", type=int, default=None)
-    jobs.add_argument("--batch-size", type=int, default=None)
 
-    poc = sub.add_parser("poc-configure", help="install site privacy policies, class allow-lists and data locations "
-                                               "into a prepared NVFlare POC workspace (before 'nvflare poc start')")
-    poc.add_argument("workspace", nargs="?", default=None,
-                     help="POC workspace (default: $NVFLARE_POC_WORKSPACE)")
-    poc.add_argument("--data", required=True, help="folder with one MSD-layout sub-folder per client site name")
-    poc.add_argument("--unseen", default=None, help="sub-folder of --data with the unseen organ (e.g. lung)")
-    poc.add_argument("--policies", default=None,
-                     help="folder with privacy.json, resources.json and authorization.json (default: the project's "
-                          "poc_workspace/local)")
+def _benchmark_options(p: argparse.ArgumentParser) -> None:
+    from fedoap.benchmark import ABLATIONS, PRESETS
 
-    site = sub.add_parser("site-configure", help="a provisioned client site: install the project's privacy policies, "
-                                                 "class allow-list, authorization, its data location and an at-rest "
-                                                 "key into its startup kit's local/ (before starting the site)")
-    site.add_argument("kit", help="the site's startup kit (the folder holding startup/ and local/)")
-    site.add_argument("--data", required=True, help="the site's MSD-layout data folder")
-    site.add_argument("--unseen", default=None, help="MSD-layout folder of the unseen organ (optional)")
-    site.add_argument("--policies", default=None, help="folder with privacy.json, resources.json and "
-                                                       "authorization.json (default: the project's poc_workspace/local)")
+    p.add_argument("--methods", type=_csv, default=None,
+                   help=f"comma-separated method names (default: every registered method); FedOAP's ablations too: "
+                        f"{','.join(ABLATIONS)}")
+    p.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--preset", default="fast", choices=sorted(PRESETS),
+                   help="fast: tiny CPU setting; full: 256 x 256, 50 epochs, meant for a GPU")
+    p.add_argument("--out", default="runs/benchmark", help="benchmark folder (finished runs in it are reused)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="runs at the same time, each its own NVFlare simulator process (default: the preset's, "
+                        "fast 2, full 1)")
+    p.add_argument("--total-epochs", type=int, default=None,
+                   help="rounds = total epochs / local epochs (the preset's way; not with --rounds)")
+    add_options(p, TrainingOptions, exclude=("seed",), preset=True, title="Training (overrides of the preset)")
+    add_options(p, FederationOptions, preset=True, title="The simulated federation (overrides of the preset)")
 
-    keys = sub.add_parser("he-keys", help="HE key ceremony run by the sites (init, join, install-public), so no "
-                                          "coordinator holds the secret key; or contexts for a simulation")
-    key_sub = keys.add_subparsers(dest="he_keys", required=True, metavar="{" + ",".join(_HE_KEYS_ACTIONS) + "}")
+
+def _bench_options(p: argparse.ArgumentParser) -> None:
+    from fedoap.bench_scale import SCALE_TRAINING
+
+    bench_sub = p.add_subparsers(dest="bench", required=True)
+    train = bench_sub.add_parser("train", help="local training images/s inside the federation vs a plain MONAI loop")
+    train.add_argument("--out", default="runs/bench_train")
+    add_options(train, FederationOptions)
+    add_options(train, TrainingOptions, defaults=BENCH_TRAIN)
+    scale = bench_sub.add_parser("scale", help="a large federation (30 sites, several per organ, unequal sizes): "
+                                              "time per round and peak memory, FedOAP and FedAvg side by side")
+    scale.add_argument("--out", default="runs/bench_scale")
+    scale.add_argument("--sites", type=int, default=30)
+    scale.add_argument("--methods", type=_csv, default=("fedoap", "fedavg"))
+    add_options(scale, FederationOptions, only=("processes",))
+    add_options(scale, TrainingOptions, defaults=SCALE_TRAINING)
+    priv = bench_sub.add_parser("privacy", help="HE bytes/time per round and DP-SGD images/s, side by side")
+    priv.add_argument("--out", default="runs/bench_privacy")
+    priv.add_argument("--sites", type=int, default=3, help="sites whose updates the server combines")
+    priv.add_argument("--epochs", type=int, default=2, help="timed training epochs (after one warm-up)")
+    add_options(priv, TrainingOptions, only=("width", "image_size", "batch_size", "seed", "threads"),
+                defaults=BENCH_PRIVACY)
+    add_options(priv, PrivacyOptions, only=("dp_sgd_noise", "dp_sgd_clip"), defaults={"dp_sgd_noise": 1.0})
+
+
+def _poc_configure_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("workspace", nargs="?", default=None, help="POC workspace (default: $NVFLARE_POC_WORKSPACE)")
+    p.add_argument("--data", required=True, help="folder with one MSD-layout sub-folder per client site name")
+    p.add_argument("--unseen", default=None, help="sub-folder of --data with the unseen organ (e.g. lung)")
+    p.add_argument("--policies", default=None,
+                   help="folder with privacy.json, resources.json and authorization.json (default: the project's "
+                        "poc_workspace/local)")
+
+def _site_configure_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("kit", help="the site's startup kit (the folder holding startup/ and local/)")
+    p.add_argument("--data", required=True, help="the site's MSD-layout data folder")
+    p.add_argument("--unseen", default=None, help="MSD-layout folder of the unseen organ (optional)")
+    p.add_argument("--policies", default=None, help="folder with privacy.json, resources.json and "
+                                                    "authorization.json (default: the project's poc_workspace/local)")
+
+
+def _he_keys_options(p: argparse.ArgumentParser) -> None:
+    from fedoap.privacy.he_keys import MIN_PASSPHRASE_CHARS, PASSPHRASE_ENV
+
+    key_sub = p.add_subparsers(dest="he_keys", required=True, metavar="{" + ",".join(_HE_KEYS_ACTIONS) + "}")
     k_init = key_sub.add_parser("init", help="one client site: make the CKKS key, keep the secret context in "
                                              "SITE_KIT/local/ (0600), write the public context for the server and "
                                              "the bundle for the other sites, sealed under the shared passphrase")
@@ -171,92 +169,27 @@ def build_parser() -> argparse.ArgumentParser:
         k.add_argument("--overwrite", action="store_true", help="replace existing key files (a new key: every site "
                                                                 "and the server must get it again)")
 
-    gen = sub.add_parser("generate-data", help="write the synthetic multi-organ federation (MSD layout)")
-    gen.add_argument("out")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--size", type=int, default=128)
-    gen.add_argument("--overwrite", action="store_true")
 
-    bm = sub.add_parser("benchmark", help="several methods on identical data, splits and seeds: Dice, HD95, fairness, "
-                                          "unseen organ, bytes, time (mean and std over seeds)")
-    bm.add_argument("--methods", type=_csv, default=None,
-                    help=f"comma-separated method names (default: all registered: {','.join(METHODS)}); FedOAP's "
-                         f"ablations too: {','.join(ABLATIONS)}")
-    bm.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="comma-separated seeds (default 0,1,2)")
-    bm.add_argument("--preset", default="fast", choices=sorted(PRESETS),
-                    help="fast: tiny CPU setting; full: 256 x 256, 50 epochs, meant for a GPU")
-    bm.add_argument("--out", default="runs/benchmark", help="benchmark folder (finished runs in it are reused)")
-    bm.add_argument("--workers", type=int, default=None,
-                    help="runs at the same time, each its own NVFlare simulator process (default: the preset's, "
-                         "fast 2, full 1)")
-    bm_over = bm.add_argument_group("overrides of the preset")
-    bm_over.add_argument("--rounds", type=int, default=None)
-    bm_over.add_argument("--total-epochs", type=int, default=None,
-                         help="rounds = total epochs / local epochs (the preset's way; not with --rounds)")
-    bm_over.add_argument("--local-epochs", type=int, default=None)
-    bm_over.add_argument("--finetune-epochs", type=int, default=None)
-    bm_over.add_argument("--image-size", type=int, default=None)
-    bm_over.add_argument("--width", type=int, default=None)
-    bm_over.add_argument("--batch-size", type=int, default=None)
-    bm_over.add_argument("--lr", type=float, default=None)
-    bm_over.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
-    bm_over.add_argument("--threads", type=int, default=None, help="torch threads per site (0: auto)")
-    bm_over.add_argument("--clients", type=_csv, default=None, help="site names")
-    bm_over.add_argument("--unseen", default=None, help="unseen site ('none' to skip)")
-    bm_over.add_argument("--data", default=None,
-                         help="real data (one MSD-layout folder per site) instead of the synthetic federation")
-
-    bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
-    bench_sub = bench.add_subparsers(dest="bench", required=True)
-    train = bench_sub.add_parser("train", help="local training images/s inside the federation vs a plain MONAI loop")
-    _add_run_options(train, SimulationConfig(rounds=3, local_epochs=1, finetune_epochs=0))
-    train.add_argument("--out", default="runs/bench_train")
-    scale = bench_sub.add_parser("scale", help="a large federation (30 sites, several per organ, unequal sizes): "
-                                              "time per round and peak memory, FedOAP and FedAvg side by side")
-    scale.add_argument("--out", default="runs/bench_scale")
-    scale.add_argument("--sites", type=int, default=30)
-    scale.add_argument("--methods", type=_csv, default=("fedoap", "fedavg"))
-    scale.add_argument("--rounds", type=int, default=3)
-    scale.add_argument("--image-size", type=int, default=32)
-    scale.add_argument("--width", type=int, default=8)
-    scale.add_argument("--processes", type=int, default=0,
-                       help="simulator client processes (NVFlare's num_threads; 0: one per site)")
-    scale.add_argument("--seed", type=int, default=0)
-    priv = bench_sub.add_parser("privacy", help="HE bytes/time per round and DP-SGD images/s, side by side")
-    priv.add_argument("--out", default="runs/bench_privacy")
-    priv.add_argument("--width", type=int, default=16)
-    priv.add_argument("--image-size", type=int, default=64)
-    priv.add_argument("--sites", type=int, default=3, help="sites whose updates the server combines")
-    priv.add_argument("--epochs", type=int, default=2, help="timed training epochs (after one warm-up)")
-    priv.add_argument("--threads", type=int, default=0)
-    return parser
+def _generate_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--overwrite", action="store_true")
 
 
-def _config(args: argparse.Namespace, **extra) -> SimulationConfig:
-    return SimulationConfig(
-        out=args.out, clients=args.clients, unseen=None if str(args.unseen).lower() == "none" else args.unseen,
-        data=args.data, rounds=args.rounds, local_epochs=args.local_epochs, finetune_epochs=args.finetune_epochs,
-        image_size=args.image_size, width=args.width, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        device=args.device, threads=args.threads, **extra,
-    )
-
-
-def _dp_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The recipe's dp options that the command line switched on."""
-    options: dict[str, Any] = {}
-    if args.dp_update_clip > 0:
-        options.update(dp_update_clip=args.dp_update_clip, dp_update_noise=args.dp_update_noise)
-    if args.dp_sgd_noise > 0 and args.dp_sgd_epsilon > 0:
-        raise ValueError("give --dp-sgd-noise or --dp-sgd-epsilon, not both")
-    if args.dp_sgd_noise > 0:
-        options.update(dp_sgd_noise=args.dp_sgd_noise, dp_sgd_clip=args.dp_sgd_clip)
-    if args.dp_sgd_epsilon > 0:
-        options.update(dp_sgd_epsilon=args.dp_sgd_epsilon, dp_sgd_clip=args.dp_sgd_clip)
-    if "dp_sgd_clip" in options:
-        options.update(dp_sgd_unit=args.dp_sgd_unit, dp_sgd_noise_source=args.dp_sgd_noise_source)
-    if options:
-        options["dp_delta"] = args.dp_delta
-    return options
+def _writable(folder: str, flag: str = "--out") -> Path:
+    """``folder`` resolved, or a one-line ValueError when this user could not write there (checked in the folder, or
+    in the nearest folder above it that exists, where it would be created; nothing is created)."""
+    path = Path(folder).resolve()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "not a folder")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ValueError(f"{flag} {folder}: cannot write there ({existing}: {err.strerror})") from None
+    return path
 
 
 def _he_keys_compat(argv: list[str]) -> list[str]:
@@ -301,84 +234,137 @@ def _he_keys(args: argparse.Namespace) -> None:
         print(f"secret context (0600): {path}\nkey id: {key} (must equal the one the initiating site printed)")
 
 
+def _simulate(args: argparse.Namespace) -> None:
+    federation = from_namespace(FederationOptions, args)
+    out = _writable(args.out)
+    run = run_config_from_namespace(args)
+    from fedoap.simulation import run_simulation  # NVFlare, MONAI, torch: after every option was checked
+
+    run_simulation(run, federation, out, overwrite=args.overwrite)
+
+
+def _export_jobs(args: argparse.Namespace) -> None:
+    from fedoap.deploy.jobs import export_jobs
+
+    if args.min_clients < 1:
+        raise ValueError(f"--min-clients must be >= 1, got {args.min_clients}")
+    training = from_namespace(TrainingOptions, args)
+    for path in export_jobs(_writable(args.out), args.jobs, training, args.min_clients, byoc=args.byoc):
+        print(path)
+
+
+def _benchmark(args: argparse.Namespace) -> None:
+    from fedoap.benchmark import OVERRIDABLE, resolve_settings, run_benchmark  # light: runs import the rest
+
+    overrides = {k: getattr(args, k) for k in OVERRIDABLE if getattr(args, k, None) is not None}
+    settings = resolve_settings(args.preset, overrides)  # every option checked before anything starts
+    out = _writable(args.out)
+    TrainingOptions(device=settings["device"]).require_device()
+    run_benchmark(args.methods, args.seeds, args.preset, out, overrides, workers=args.workers)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    if args.bench == "train":
+        federation = from_namespace(FederationOptions, args)
+        out = _writable(args.out)
+        run = run_config_from_namespace(args)
+        from fedoap.bench import bench_train
+
+        bench_train(run, federation, out)
+    elif args.bench == "scale":
+        from fedoap.bench_scale import bench_scale  # light: runs import the rest
+
+        training = from_namespace(TrainingOptions, args)
+        out = _writable(args.out)
+        training.require_device()
+        bench_scale(training, n_sites=args.sites, methods=args.methods, processes=args.processes, out=out)
+    else:
+        training, privacy = from_namespace(TrainingOptions, args), from_namespace(PrivacyOptions, args)
+        out = _writable(args.out)
+        from fedoap.bench_privacy import bench_privacy
+
+        bench_privacy(training, privacy, n_sites=args.sites, epochs=args.epochs, out=out)
+
+
+def _generate_data(args: argparse.Namespace) -> None:
+    from fedoap.data import generate_federation
+
+    paths = generate_federation(_writable(args.out, "DIR"), seed=args.seed, size=args.size, overwrite=args.overwrite)
+    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
+
+
+def _poc_configure(args: argparse.Namespace) -> None:
+    from fedoap.deploy.poc import POLICY_DIR, configure_poc
+
+    workspace = args.workspace or os.environ.get("NVFLARE_POC_WORKSPACE")
+    if not workspace:
+        raise ValueError("give the POC workspace, or set NVFLARE_POC_WORKSPACE as for 'nvflare poc prepare'")
+    written = configure_poc(workspace, args.data, args.unseen, args.policies or POLICY_DIR)
+    print(json.dumps(written, indent=2))
+    print("sites read these files when they start: run 'nvflare poc start' now (or restart the POC)")
+
+
+def _site_configure(args: argparse.Namespace) -> None:
+    from fedoap.deploy.poc import POLICY_DIR, configure_site
+
+    print(json.dumps(configure_site(args.kit, args.data, args.unseen, args.policies or POLICY_DIR), indent=2))
+
+
+#: every command: its help, the function that adds its options, the function that runs it
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {
+    "simulate": ("run a federation on the NVFlare simulator and report per-site results",
+                 _simulate_options, _simulate),
+    "generate-data": ("write the synthetic multi-organ federation (MSD layout)", _generate_data_options,
+                      _generate_data),
+    "benchmark": ("several methods on identical data, splits and seeds: Dice, HD95, fairness, unseen organ, bytes, "
+                  "time (mean and std over seeds)", _benchmark_options, _benchmark),
+    "bench": ("benchmarks (print a table, write JSON)", _bench_options, _bench),
+    "he-keys": ("HE key ceremony run by the sites (init, join, install-public), so no coordinator holds the secret "
+                "key; or contexts for a simulation", _he_keys_options, _he_keys),
+    "export-jobs": ("export the project's NVFlare jobs (FedOAP plain/DP/HE, FedAvg, FedBN, Ditto) from the recipes; "
+                    "code pre-installed on sites, data from site configuration", _export_jobs_options, _export_jobs),
+    "poc-configure": ("install site privacy policies, class allow-lists and data locations into a prepared NVFlare "
+                      "POC workspace (before 'nvflare poc start')", _poc_configure_options, _poc_configure),
+    "site-configure": ("a provisioned client site: install the project's privacy policies, class allow-list, "
+                       "authorization, its data location and an at-rest key into its startup kit's local/ (before "
+                       "starting the site)", _site_configure_options, _site_configure),
+}
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The ``fedoap`` parser. With ``command``, only that command's options are built (every command is still
+    listed), so a command starts without importing what the others need."""
+    parser = argparse.ArgumentParser(prog="fedoap", description="Personalized federated tumor segmentation on NVFlare")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_options_of, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        if command in (None, name):
+            add_options_of(p)
+    return parser
+
+
+def _user_error(err: BaseException) -> bool:
+    """An error that is the user's to fix (bad option, missing file, failed run): one line, no traceback."""
+    simulation = sys.modules.get("fedoap.simulation")  # loaded whenever its error can have been raised
+    return isinstance(err, (ValueError, FileExistsError, FileNotFoundError)) or (
+        simulation is not None and isinstance(err, simulation.SimulationError))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = _he_keys_compat(list(sys.argv[1:] if argv is None else argv))
-    args = build_parser().parse_args(argv)
-    from fedoap.data import DataValidationError
-    from fedoap.simulation import SimulationError
-
+    """Run one command; every bad option is one line on stderr and exit status 2, Ctrl-C exits 130."""
     try:
-        if args.command == "simulate":
-            from fedoap.simulation import run_simulation
-
-            method_args = {}
-            if args.method == "fedoap":
-                method_args = {"partition": args.partition, "use_pbl": not args.no_pbl,
-                               "cross_attention": not args.no_dca, "adapter": not args.no_adapter}
-            elif args.no_pbl or args.no_dca or args.no_adapter or args.partition != "authors":
-                raise ValueError(f"--partition, --no-pbl, --no-dca and --no-adapter are FedOAP's options; --method is "
-                                 f"{args.method!r}")
-            if args.mu is not None:
-                if args.method != "fedprox":
-                    raise ValueError(f"--mu is FedProx's option; --method is {args.method!r}")
-                method_args = {"mu": args.mu}
-            run_simulation(_config(args, method=args.method, method_args=method_args, overwrite=args.overwrite,
-                                   he=args.he, dp=_dp_options(args)))
-        elif args.command == "export-jobs":
-            from dataclasses import replace
-
-            from fedoap.deploy.jobs import JobSettings, export_jobs
-
-            overrides = {k: getattr(args, k) for k in ("min_clients", "rounds", "local_epochs", "finetune_epochs",
-                                                       "image_size", "width", "batch_size")
-                         if getattr(args, k) is not None}
-            for path in export_jobs(args.out, args.jobs, replace(JobSettings(), **overrides), byoc=args.byoc):
-                print(path)
-        elif args.command == "poc-configure":
-            import os
-
-            from fedoap.deploy.poc import POLICY_DIR, configure_poc
-
-            workspace = args.workspace or os.environ.get("NVFLARE_POC_WORKSPACE")
-            if not workspace:
-                raise ValueError("give the POC workspace, or set NVFLARE_POC_WORKSPACE as for 'nvflare poc prepare'")
-            written = configure_poc(workspace, args.data, args.unseen, args.policies or POLICY_DIR)
-            print(json.dumps(written, indent=2))
-            print("sites read these files when they start: run 'nvflare poc start' now (or restart the POC)")
-        elif args.command == "site-configure":
-            from fedoap.deploy.poc import POLICY_DIR, configure_site
-
-            print(json.dumps(configure_site(args.kit, args.data, args.unseen, args.policies or POLICY_DIR), indent=2))
-        elif args.command == "he-keys":
-            _he_keys(args)
-        elif args.command == "generate-data":
-            from fedoap.data import generate_federation
-
-            paths = generate_federation(args.out, seed=args.seed, size=args.size, overwrite=args.overwrite)
-            print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
-        elif args.command == "benchmark":
-            from fedoap.benchmark import OVERRIDABLE, run_benchmark
-
-            overrides = {k: getattr(args, k) for k in OVERRIDABLE if getattr(args, k, None) is not None}
-            run_benchmark(args.methods, args.seeds, args.preset, args.out, overrides, workers=args.workers)
-        elif args.command == "bench" and args.bench == "train":
-            from fedoap.bench import bench_train
-
-            bench_train(_config(args, overwrite=True))
-        elif args.command == "bench" and args.bench == "scale":
-            from fedoap.bench_scale import ScaleConfig, bench_scale
-
-            bench_scale(ScaleConfig(out=args.out, n_sites=args.sites, methods=args.methods, rounds=args.rounds,
-                                    image_size=args.image_size, width=args.width, processes=args.processes,
-                                    seed=args.seed))
-        elif args.command == "bench" and args.bench == "privacy":
-            from fedoap.bench_privacy import PrivacyBenchConfig, bench_privacy
-
-            bench_privacy(PrivacyBenchConfig(out=args.out, width=args.width, image_size=args.image_size,
-                                             n_sites=args.sites, epochs=args.epochs, threads=args.threads))
-    except (SimulationError, DataValidationError, ValueError, FileExistsError, FileNotFoundError) as err:
-        print(f"fedoap: error: {err}", file=sys.stderr)
-        return 2
+        argv = _he_keys_compat(list(sys.argv[1:] if argv is None else argv))
+        args = build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
+        try:
+            COMMANDS[args.command][2](args)
+        except Exception as err:
+            if not _user_error(err):
+                raise
+            print(f"fedoap: error: {err}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt:
+        print("fedoap: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

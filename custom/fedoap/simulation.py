@@ -1,10 +1,11 @@
-"""One command, one federation on the NVFlare simulator: data, initial model, recipe, ``SimEnv``, results.
+"""One command, one federation on the NVFlare simulator: data, recipe, ``SimEnv``, results.
 
-``run_simulation`` is what ``fedoap simulate`` calls. It validates every site's data before NVFlare starts (so a bad
-file is reported by name at once), writes a seeded initial checkpoint, runs the recipe in ``SimEnv``, then reads what
-the server (round history) and every site (personalized results, overlay examples) wrote, and assembles
-``results.json`` and the figures. It checks the files, not ``execute()``'s return: the simulator can return normally
-after a site failed.
+``run_simulation`` is what ``fedoap simulate`` calls (and every run of the benchmarks). It validates every site's
+data before NVFlare starts (so a bad file is reported by name at once), builds the recipe from the run configuration
+(which writes the seeded initial checkpoint's network once), runs it in ``SimEnv``, then reads what the server (round
+history) and every site (personalized results, overlay examples) wrote, and assembles ``results.json`` and the
+figures. It checks the files, not the run's return: the simulator can return normally after a site failed.
+:func:`synthetic_federation` is the one place any command makes synthetic data.
 """
 
 from __future__ import annotations
@@ -13,68 +14,92 @@ import contextlib
 import copy
 import json
 import os
+import signal
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
+from fedoap.config import FederationOptions, RunConfig
 from fedoap.data import generate_federation, load_site, load_unseen
 from fedoap.eval.metrics import EMPTY_MASK_RULE
-from fedoap.site.client import SITE_RESULTS_DIR
+from fedoap.site.session import SITE_RESULTS_DIR
 from fedoap.protocol import HISTORY_FILE
 from fedoap.site.outputs import find_site_outputs, load_detail, load_overlays
-from fedoap.jsonio import write_json
-from fedoap.methods import get_method
+from fedoap.jsonio import to_jsonable, write_json
 from fedoap.methods.centralized import POOLED_SITE
 from fedoap.report import plot_dice_per_round, plot_overlays, results_table
 
-__all__ = ["SimulationConfig", "SimulationError", "run_simulation", "unet_model_args", "DEFAULT_CLIENTS", "DEFAULT_UNSEEN"]
+__all__ = ["SimulationError", "run_simulation", "config_record", "synthetic_sites", "synthetic_federation",
+           "SYNTHETIC_MARKER"]
 
-DEFAULT_CLIENTS = ("brain", "liver", "breast")
-DEFAULT_UNSEEN = "lung"
 SIM_JOB_ID = "simulate_job"
-
-
-def unet_model_args(width: int) -> dict[str, Any]:
-    """Backbone arguments for UNet width ``w``: channels w, 2w, 4w, 8w and 16w at the bottleneck (authors: w = 64)."""
-    return {"channels": [width, 2 * width, 4 * width, 8 * width], "bottleneck_channels": 16 * width}
+#: what a synthetic data folder was generated with (seed, size, and each site's organ and number of cases)
+SYNTHETIC_MARKER = "synthetic_data.json"
 
 
 class SimulationError(RuntimeError):
     """The federation did not produce its results; the message says which file is missing and which log to read."""
 
 
-@dataclass
-class SimulationConfig:
-    """Everything a simulated run depends on (stored in ``results.json`` so the run can be repeated)."""
+def config_record(run: RunConfig, federation: FederationOptions) -> dict[str, Any]:
+    """The options of a run by flat name (``results.json``'s ``config``: what repeats it, and what the benchmark
+    compares before it reuses a run)."""
+    return to_jsonable({**run.options(), **asdict(federation)})
 
-    out: str = "runs/simulate"
-    clients: tuple[str, ...] = DEFAULT_CLIENTS
-    unseen: Optional[str] = DEFAULT_UNSEEN
-    data: Optional[str] = None
-    method: str = "fedoap"
-    method_args: dict[str, Any] = field(default_factory=dict)
-    width: int = 16
-    rounds: int = 12
-    local_epochs: int = 2
-    finetune_epochs: int = 5
-    image_size: int = 64
-    batch_size: int = 16
-    lr: float = 1e-3
-    seed: int = 0
-    device: str = "cpu"
-    threads: int = 0  # torch threads per site; 0: the machine's cores shared among the sites
-    processes: int = 0  # simulator client processes (NVFlare's num_threads); 0: one per site
-    synthetic_size: int = 128
-    overwrite: bool = False
-    he: bool = False
-    dp: dict[str, Any] = field(default_factory=dict)  # FedOAPRecipe's dp options (dp_update_clip, dp_sgd_noise, ...)
 
-    def model_args(self) -> dict[str, Any]:
-        return unet_model_args(self.width)
+def synthetic_sites(names: Sequence[str], cases: Optional[Mapping[str, int]] = None) -> dict[str, tuple[str, int]]:
+    """Synthetic sites named after their organ (:data:`fedoap.data.DEFAULT_SITES`), with ``cases`` replacing an
+    organ's default number of cases.
+
+    Raises:
+        ValueError: a name that is not a synthetic organ.
+    """
+    from fedoap.data.synthetic import DEFAULT_SITES
+
+    unknown = [s for s in names if s not in DEFAULT_SITES]
+    if unknown:
+        raise ValueError(f"no synthetic site named {unknown[0]!r}; choose from {sorted(DEFAULT_SITES)}, or give real "
+                         "data (--data)")
+    cases = cases or {}
+    return {s: (DEFAULT_SITES[s][0], int(cases.get(s, DEFAULT_SITES[s][1]))) for s in names}
+
+
+def synthetic_federation(root: str | os.PathLike, sites: Mapping[str, tuple[str, int]], seed: int, size: int,
+                         replace: bool = False) -> Path:
+    """The synthetic data of every command, seeded: ``root/<site>`` for each site (name -> organ and number of cases).
+
+    A site's files depend only on the seed, the size and its own organ and number of cases, so a marker file
+    (:data:`SYNTHETIC_MARKER`) records what was generated, a folder is reused as long as it matches, and sites that
+    are missing are added.
+
+    Args:
+        replace: regenerate a folder made with other settings (else it is refused).
+
+    Raises:
+        ValueError: ``root`` holds synthetic data generated with other settings (and not ``replace``).
+    """
+    root = Path(root).resolve()
+    want = {s: [organ, int(n)] for s, (organ, n) in sites.items()}
+    marker_path = root / SYNTHETIC_MARKER
+    fresh = {"seed": seed, "size": size, "sites": {}}
+    marker = json.loads(marker_path.read_text()) if marker_path.is_file() else fresh
+    differ = [s for s in want if marker["sites"].get(s) not in (None, want[s])]
+    if marker["seed"] != seed or marker["size"] != size or differ:
+        if not replace:
+            raise ValueError(f"{root} holds synthetic data generated with other settings ({marker}); choose another "
+                             "out folder")
+        marker = fresh
+    missing = [s for s in want if s not in marker["sites"] or not (root / s / "dataset.json").is_file()]
+    if missing:
+        generate_federation(root, sites={s: tuple(want[s]) for s in missing}, seed=seed, size=size, overwrite=True)
+        marker["sites"].update({s: want[s] for s in missing})
+        write_json(marker_path, marker)
+    return root
 
 
 def _log_config(path: Path) -> Path:
@@ -88,25 +113,39 @@ def _log_config(path: Path) -> Path:
     return path
 
 
-def _prepare_data(cfg: SimulationConfig, out: Path) -> tuple[Path, Optional[Path]]:
-    sites = list(cfg.clients) + ([cfg.unseen] if cfg.unseen else [])
-    if cfg.data:
-        root = Path(cfg.data).resolve()
-        for site in sites:
+def _prepare_data(federation: FederationOptions, seed: int, out: Path, replace: bool) -> tuple[Path, Optional[Path]]:
+    if federation.data:
+        root = Path(federation.data).resolve()
+        for site in federation.sites():
             if not (root / site).is_dir():
                 raise SimulationError(f"{root / site}: no such site folder (one MSD-layout folder per site)")
     else:
-        root = (out / "data").resolve()
-        if not all((root / s / "dataset.json").is_file() for s in sites):
-            from fedoap.data.synthetic import DEFAULT_SITES
+        try:
+            sites = synthetic_sites(federation.sites(), federation.cases)
+            root = synthetic_federation(out / "data", sites, seed, federation.synthetic_size, replace=replace)
+        except ValueError as err:
+            raise SimulationError(str(err)) from None
+    return root, (root / federation.unseen if federation.unseen else None)
 
-            unknown = [s for s in sites if s not in DEFAULT_SITES]
-            if unknown:
-                raise SimulationError(f"no synthetic site named {unknown[0]!r}; choose from {sorted(DEFAULT_SITES)}")
-            generate_federation(root, sites={s: DEFAULT_SITES[s] for s in sites}, seed=cfg.seed,
-                                size=cfg.synthetic_size, overwrite=True)
-    unseen = root / cfg.unseen if cfg.unseen else None
-    return root, unseen
+
+@contextlib.contextmanager
+def _interrupt_seen():
+    """Whether Ctrl-C arrived meanwhile (NVFlare's simulator turns it into a failed run, return code -9): yields a
+    function that says so. Ctrl-C still raises ``KeyboardInterrupt`` as usual."""
+    seen = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield seen.is_set
+        return
+
+    def handler(signum, frame):
+        seen.set()
+        signal.default_int_handler(signum, frame)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield seen.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager
@@ -132,12 +171,13 @@ def _he_context_dir(folder: Optional[Path]):
             os.environ[HE_CONTEXT_DIR_ENV] = previous
 
 
-def _privacy_summary(cfg: SimulationConfig, history: dict[str, Any]) -> dict[str, Any]:
+def _privacy_summary(run: RunConfig, clients: Sequence[str], history: dict[str, Any]) -> dict[str, Any]:
     """What protected the shared updates, and the epsilon each site's accountant reported after every round."""
-    summary: dict[str, Any] = {"he": cfg.he, "dp": dict(cfg.dp)}
+    dp = run.privacy.enabled()
+    summary: dict[str, Any] = {"he": run.privacy.he, "dp": dp}
     for key in ("dp_update_epsilon", "dp_sgd_epsilon", "dp_sgd_epsilon_per_case"):
         per_site = {
-            site: [r["sites"][site].get(key) for r in history["rounds"] if site in r["sites"]] for site in cfg.clients
+            site: [r["sites"][site].get(key) for r in history["rounds"] if site in r["sites"]] for site in clients
         }
         if any(v is not None for values in per_site.values() for v in values):
             summary[f"{key}_per_round"] = per_site
@@ -145,8 +185,8 @@ def _privacy_summary(cfg: SimulationConfig, history: dict[str, Any]) -> dict[str
             # slice-level DP-SGD over cases with many slices)
             last = [values[-1] for values in per_site.values() if values]
             summary[f"{key}_federation"] = None if None in last else max(last)
-    if cfg.dp:
-        summary["delta"] = cfg.dp.get("dp_delta", 1e-5)
+    if dp:
+        summary["delta"] = run.privacy.dp_delta
     return summary
 
 
@@ -174,75 +214,71 @@ def _unpool_history(history: dict[str, Any], sites: Sequence[str]) -> dict[str, 
     return history
 
 
-def run_simulation(cfg: SimulationConfig, verbose: bool = True) -> dict[str, Any]:
+def run_simulation(run: RunConfig, federation: FederationOptions, out: str | os.PathLike, *,
+                   overwrite: bool = False, verbose: bool = True) -> dict[str, Any]:
     """Run the federation and return the content of ``results.json``.
+
+    Args:
+        run: what every site runs with (its data folders are set here).
+        federation: which sites, whose data.
+        out: the run's folder (results, figures, the simulator's workspace, synthetic data).
+        overwrite: replace results (and synthetic data made with other settings) already in ``out``.
 
     Raises:
         SimulationError: the output folder already holds results (without ``overwrite``), a site folder is missing,
             or a site or the server did not write its results.
         fedoap.data.DataValidationError: a data file is missing or invalid (the message names it).
+        ValueError: the device is not available on this machine.
+        KeyboardInterrupt: Ctrl-C (the simulator's processes are ended).
     """
     from nvflare.recipe import SimEnv
 
     from fedoap.deploy.recipe import FedOAPRecipe
 
     say = print if verbose else (lambda *a, **k: None)
-    out = Path(cfg.out).resolve()
-    if (out / "results.json").exists() and not cfg.overwrite:
+    run.training.require_device()
+    out = Path(out).resolve()
+    if (out / "results.json").exists() and not overwrite:
         raise SimulationError(f"{out / 'results.json'} exists; pass --overwrite or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    if len(cfg.clients) < 1 or len(set(cfg.clients)) != len(cfg.clients):
-        raise SimulationError(f"clients must be distinct site names, got {list(cfg.clients)}")
+    t = run.training
 
-    data_root, unseen_dir = _prepare_data(cfg, out)
+    data_root, unseen_dir = _prepare_data(federation, t.seed, out, replace=overwrite)
     say(f"[fedoap] data: {data_root}")
-    for site in cfg.clients:  # fail fast, naming the file, before any NVFlare process starts
-        d = load_site(data_root / site, image_size=cfg.image_size, seed=cfg.seed, name=site)
+    for site in federation.clients:  # fail fast, naming the file, before any NVFlare process starts
+        d = load_site(data_root / site, image_size=t.image_size, seed=t.seed, name=site)
         say(f"[fedoap]   {site}: {d.organ} ({d.modality}), slices train/val/test {len(d.train)}/{len(d.val)}/{len(d.test)}")
     if unseen_dir is not None:
-        say(f"[fedoap]   {cfg.unseen} (unseen): {len(load_unseen(unseen_dir, image_size=cfg.image_size))} slices")
-
-    method = get_method(cfg.method, **cfg.method_args)
-    torch.manual_seed(cfg.seed)
-    model = method.build_model(cfg.model_args())
-    initial_ckpt = out / "initial_model.pt"
-    torch.save(model.state_dict(), initial_ckpt)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_shared = sum(model.state_dict()[k].numel() for k in method.shared_keys(model))
-    say(f"[fedoap] {cfg.method}: {n_params:,} parameters, {n_shared:,} shared; {len(cfg.clients)} sites, "
-        f"{cfg.rounds} rounds x {cfg.local_epochs} local epoch(s), then {cfg.finetune_epochs} fine-tuning epochs")
+        say(f"[fedoap]   {federation.unseen} (unseen): {len(load_unseen(unseen_dir, image_size=t.image_size))} slices")
 
     # the centralized reference runs as one simulated site that reads every site's data (see methods/centralized.py)
-    sim_sites = [POOLED_SITE] if method.pooled else list(cfg.clients)
-    pool = {"pool_sites": ",".join(cfg.clients)} if method.pooled else {}
-    threads = cfg.threads or max(1, (os.cpu_count() or 1) // min(len(sim_sites), cfg.processes or len(sim_sites)))
-    recipe = FedOAPRecipe(
-        name=f"{cfg.method}",
-        min_clients=len(sim_sites),
-        num_rounds=cfg.rounds,
-        data_root=str(data_root),
-        unseen_dir=str(unseen_dir) if unseen_dir else "",
-        method=cfg.method,
-        method_args=cfg.method_args,
-        model_args=cfg.model_args(),
-        train_config={"image_size": cfg.image_size, "batch_size": cfg.batch_size, "lr": cfg.lr,
-                      "local_epochs": cfg.local_epochs, "finetune_epochs": cfg.finetune_epochs, "seed": cfg.seed,
-                      "device": cfg.device, "threads": threads, **pool},
-        initial_ckpt=str(initial_ckpt),
-        he=cfg.he,
-        dp=cfg.dp,
-        task_request_interval=0.2,  # one machine: no reason to idle 2 s between a site's tasks
-    )
+    pooled = run.method.instance.pooled
+    sim_sites = [POOLED_SITE] if pooled else list(federation.clients)
+    processes = min(federation.processes, len(sim_sites)) if federation.processes > 0 else len(sim_sites)
+    job = run.override(threads=t.threads or max(1, (os.cpu_count() or 1) // processes),
+                       data_root=str(data_root), unseen_dir=str(unseen_dir) if unseen_dir else "",
+                       pool_sites=tuple(federation.clients) if pooled else ())
+    initial_ckpt = out / "initial_model.pt"
+    recipe = FedOAPRecipe(config=job, name=run.method.name, min_clients=len(sim_sites), initial_ckpt=str(initial_ckpt),
+                          task_request_interval=0.2)  # one machine: no reason to idle 2 s between a site's tasks
+    torch.save(recipe.network.state_dict(), initial_ckpt)
+    state = recipe.network.state_dict()
+    n_params = sum(p.numel() for p in recipe.network.parameters())
+    n_shared = sum(state[k].numel() for k in recipe.shared_keys)
+    say(f"[fedoap] {run.method.name}: {n_params:,} parameters, {n_shared:,} shared; {len(federation.clients)} sites, "
+        f"{t.rounds} rounds x {t.local_epochs} local epoch(s), then {t.finetune_epochs} fine-tuning epochs")
+
     workspace = out / "workspace"
-    processes = min(cfg.processes, len(sim_sites)) if cfg.processes > 0 else len(sim_sites)
     env = SimEnv(clients=sim_sites, num_clients=len(sim_sites), num_threads=processes,
                  workspace_root=str(workspace), log_config=str(_log_config(out / "log_config.json")))
     start = time.time()
     ws = workspace / recipe.name
-    with _he_context_dir(out / "he_keys" if cfg.he else None):
+    with _he_context_dir(out / "he_keys" if run.privacy.he else None), _interrupt_seen() as interrupted:
         try:
-            recipe.execute(env)
+            recipe.run(env)
         except RuntimeError as err:  # SimEnv raises on a non-zero simulator status
+            if interrupted():
+                raise KeyboardInterrupt from None
             raise SimulationError(f"the NVFlare simulator failed ({err}); site logs: {ws}/<site>/log.txt") from err
     wall = time.time() - start
 
@@ -250,42 +286,43 @@ def run_simulation(cfg: SimulationConfig, verbose: bool = True) -> dict[str, Any
     if not history_path.is_file():
         raise SimulationError(f"{history_path} was not written: the server failed; see {ws / 'server' / 'log.txt'}")
     history = json.loads(history_path.read_text())
-    if len(history["rounds"]) != cfg.rounds:
-        raise SimulationError(f"the server finished {len(history['rounds'])} of {cfg.rounds} rounds; see {ws / 'server' / 'log.txt'}")
-    if method.pooled:  # one record per round for the pooled site: its scores on each site's splits
-        history = _unpool_history(history, cfg.clients)
+    if len(history["rounds"]) != t.rounds:
+        raise SimulationError(f"the server finished {len(history['rounds'])} of {t.rounds} rounds; see "
+                              f"{ws / 'server' / 'log.txt'}")
+    if pooled:  # one record per round for the pooled site: its scores on each site's splits
+        history = _unpool_history(history, federation.clients)
 
     clients, unseen, overlays, bytes_per_round = {}, {}, {}, {}
-    for site in cfg.clients:
-        detail, overlays[site] = _read_site(ws, site, pooled=method.pooled)
+    for site in federation.clients:
+        detail, overlays[site] = _read_site(ws, site, pooled=pooled)
         m = detail["metrics"]
         clients[site] = {"organ": m["organ"], "dice": m["test_dice"], "hd95": m["test_hd95"], "n_test": m["n_test"],
                          "n_test_empty": m["n_test_empty"], "best_finetune_epoch": m["best_finetune_epoch"],
                          "best_val_dice": m["best_val_dice"]}
         if unseen_dir is not None:
-            unseen[site] = {"organ": cfg.unseen, "dice": m.get("unseen_dice"), "hd95": m.get("unseen_hd95")}
+            unseen[site] = {"organ": federation.unseen, "dice": m.get("unseen_dice"), "hd95": m.get("unseen_hd95")}
         uploads = [r["sites"][site]["bytes_uploaded"] for r in history["rounds"] if site in r["sites"]]
         bytes_per_round[site] = int(max(uploads)) if uploads else 0
 
     results = {
-        "method": cfg.method,
-        "rounds": cfg.rounds,
+        "method": run.method.name,
+        "rounds": t.rounds,
         "clients": clients,
         "unseen": unseen,
         "bytes_uploaded_per_round": bytes_per_round,
         "wall_time_s": wall,
         "parameters": {"total": n_params, "shared": n_shared},
         "empty_mask_rule": EMPTY_MASK_RULE,
-        "privacy": _privacy_summary(cfg, history),
+        "privacy": _privacy_summary(run, federation.clients, history),
         "val_dice_per_round": {
             site: [r["sites"][site].get("val_dice") for r in history["rounds"] if site in r["sites"]]
-            for site in cfg.clients
+            for site in federation.clients
         },
         "test_dice_per_round": {  # the round's model (before fine-tuning) on the test split: the protocol score
             site: [r["sites"][site].get("test_dice") for r in history["rounds"] if site in r["sites"]]
-            for site in cfg.clients
+            for site in federation.clients
         },
-        "config": asdict(cfg),
+        "config": config_record(run, federation),
         "workspace": str(ws),
     }
     write_json(out / "results.json", results)

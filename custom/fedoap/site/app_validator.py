@@ -5,10 +5,10 @@ the server deploys a job, and a refusal fails the deployment with the validator'
 (``job_deploy_detail``). :class:`FedOAPAppValidator` refuses a job whose client configuration
 
 * is not plain JSON (``config_fed_client.conf``/``.yml`` would escape this check),
-* configures :class:`fedoap.site.executor.FedOAPExecutor` with anything but the arguments a job may set (a script path,
-  a command, another execution mode, attach or launch settings), or
-* passes data-folder options (``--data-root``, ``--unseen-dir``, ``--pool-sites``) to the client script: a deployed
-  site's data folders come only from its own configuration,
+* configures :class:`fedoap.site.executor.FedOAPExecutor` with anything but the arguments a job may set (a script path
+  or script arguments, a command, another execution mode, attach or launch settings), or
+* carries a run configuration (``app/config/fedoap_run.json``) that is missing or invalid, references the site's
+  secrets (``${...}``) or names data folders: a deployed site's data folders come only from its own configuration,
 
 so that a job submitted without bring-your-own-code rights runs nothing but fedoap's own client script on the site's
 own data. The executor repeats the same checks when the job starts (defence in depth, and the simulator, which deploys
@@ -23,7 +23,8 @@ from typing import Any, Iterator
 
 from nvflare.apis.app_validation import AppValidator
 
-from fedoap.site.executor import FedOAPExecutor, refused_args
+from fedoap.config import RUN_CONFIG_FILE
+from fedoap.site.executor import FedOAPExecutor, refused_args, run_config_refusal
 
 __all__ = ["FedOAPAppValidator", "EXECUTOR_PATH"]
 
@@ -58,13 +59,18 @@ def refusal(app_folder: str) -> str:
             config = json.load(f)
     except (OSError, ValueError) as err:
         return f"fedoap site policy: cannot read the job's {names[0]}: {err}"
-    for component in _components(config):
-        if component["path"] != EXECUTOR_PATH:
-            continue
+    executors = [c for c in _components(config) if c["path"] == EXECUTOR_PATH]
+    for component in executors:
         args = component.get("args", {})
         if not isinstance(args, dict):
             return f"fedoap site policy: {EXECUTOR_PATH} args must be an object"
-        reason = refused_args(args, simulate=False)
+        reason = refused_args(args)
+        if reason:
+            return f"fedoap site policy: {reason}"
+    if executors:
+        # without building the method: the site's parent process must answer within NVFlare's deployment timeout
+        # (10 s); the executor checks the method's arguments when the job starts
+        reason = run_config_refusal(os.path.join(config_dir, RUN_CONFIG_FILE), simulate=False, build_method=False)
         if reason:
             return f"fedoap site policy: {reason}"
     return ""

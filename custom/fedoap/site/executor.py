@@ -1,17 +1,20 @@
-"""The only executor a fedoap job uses at a site: fedoap's own client script, in-process, and nothing else.
+"""The only executor a fedoap job uses at a site: fedoap's own client script, in-process, with the job's run
+configuration, and nothing else.
 
 NVFlare's ``ClientAPIExecutor`` runs whatever a job names: any ``task_script_path`` it can import, or an external
 ``command`` (NVFlare's own default class allow-list leaves it out for that reason). A site that allow-listed it, or a
 prefix admitting a subclass that passes its arguments through, would run arbitrary code for anyone allowed to submit
-a job without bring-your-own-code rights. :class:`FedOAPExecutor` therefore takes no script path, command or execution
-mode at all: it always runs ``fedoap/site/client.py`` in-process (from the job's ``custom/`` folder in a
-bring-your-own-code job, else from the package installed on the site), and refuses with a ``ValueError`` naming the
-argument any job that tries to set one of them. In a deployed site (not the simulator) it also refuses the client
-script's data-folder options: there the data folders come only from the site's own configuration
-(``local/fedoap_site.json``). The same checks run earlier, when the job is deployed, through the site's app validator
-(``fedoap.site.app_validator``), so a refused job never starts and ``nvflare job meta`` says why.
+a job without bring-your-own-code rights. :class:`FedOAPExecutor` therefore takes no script path, command, execution
+mode or script arguments at all: it always runs ``fedoap/site/client.py`` in-process (from the job's ``custom/``
+folder in a bring-your-own-code job, else from the package installed on the site), and gives it one argument, the
+path of the job's run configuration (``--run-config app/config/fedoap_run.json``, ``fedoap.config.RunConfig``), which
+it checks first. A job that sets any other executor argument is refused with a ``ValueError`` naming it. In a deployed
+site (not the simulator) it also refuses a run configuration that names data folders: there the data folders come
+only from the site's own configuration (``local/fedoap_site.json``). The same checks run earlier, when the job is
+deployed, through the site's app validator (``fedoap.site.app_validator``), so a refused job never starts and
+``nvflare job meta`` says why.
 
-:class:`fedoap.deploy.recipe.FedOAPScriptRunner` puts the executor into a job.
+:class:`fedoap.deploy.recipe.FedOAPScriptRunner` puts the executor and the run configuration into a job.
 """
 
 from __future__ import annotations
@@ -26,58 +29,51 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.executors.client_api_executor import ClientAPIExecutor, ExecutionMode
 from nvflare.client.config import ExchangeFormat, TransferType
 
-__all__ = ["FedOAPExecutor", "CLIENT_SCRIPT", "DATA_OPTIONS", "ALLOWED_ARGS",
-           "resolve_client_script", "job_data_options", "refused_args"]
+from fedoap.config import RUN_CONFIG_FILE, RunConfig, check_document
+
+__all__ = ["FedOAPExecutor", "CLIENT_SCRIPT", "ALLOWED_ARGS", "resolve_client_script", "refused_args",
+           "run_config_refusal"]
 
 #: the one script the executor runs, relative to the Python import roots (and to a BYOC job's custom folder)
 CLIENT_SCRIPT = "fedoap/site/client.py"
-#: client-script options that point at data folders: accepted only in the simulator
-DATA_OPTIONS = ("--data-root", "--unseen-dir", "--pool-sites")
-#: the executor arguments a job may set; everything else (script path, command, execution mode, launch and attach
-#: settings) is fixed here
-ALLOWED_ARGS = frozenset({"task_script_args", "params_exchange_format", "server_expected_format",
-                          "params_transfer_type", "memory_gc_rounds", "cuda_empty_cache"})
+#: the executor arguments a job may set; everything else (script path and arguments, command, execution mode, launch
+#: and attach settings) is fixed here
+ALLOWED_ARGS = frozenset({"params_exchange_format", "server_expected_format", "params_transfer_type",
+                          "memory_gc_rounds", "cuda_empty_cache"})
 
 
-def _split_args(task_script_args: str) -> list[str]:
-    """The client script's argv as NVFlare's in-process runner builds it (whitespace split, quotes kept)."""
-    from nvflare.fuel.utils.secret_utils import split_command_preserving_secret_refs
-
-    return split_command_preserving_secret_refs(task_script_args, posix=False, group_secret_ref_quotes=False)
-
-
-def job_data_options(task_script_args: str) -> list[str]:
-    """The data-folder options (:data:`DATA_OPTIONS`) that ``task_script_args`` sets (exact names or ``--opt=value``;
-    the client script's parser admits no abbreviations)."""
-    found = []
-    for token in _split_args(task_script_args or ""):
-        for option in DATA_OPTIONS:
-            if token == option or token.startswith(option + "="):
-                found.append(option)
-    return sorted(set(found))
-
-
-def refused_args(args: dict[str, Any], simulate: bool = False) -> Optional[str]:
-    """Why a job's executor arguments are refused, or None if they are acceptable.
-
-    Args:
-        args: the executor's arguments as the job configures them.
-        simulate: the job runs in NVFlare's simulator (data folders may then come from the job).
-    """
+def refused_args(args: dict[str, Any]) -> Optional[str]:
+    """Why a job's executor arguments are refused, or None if they are acceptable."""
     extra = sorted(set(args) - ALLOWED_ARGS)
     if extra:
-        return (f"FedOAPExecutor runs only fedoap's own client script in-process; the job sets {extra}, which a job "
-                f"may not set (allowed: {sorted(ALLOWED_ARGS)})")
-    script_args = args.get("task_script_args", "")
-    if not isinstance(script_args, str):
-        return f"task_script_args must be a string, got {type(script_args).__name__}"
-    if "${" in script_args:
-        return "task_script_args may not reference the site's secrets or environment (${...})"
-    if not simulate:
-        data = job_data_options(script_args)
-        if data:
-            return (f"the job sets {data}: in a deployed site the data folders come only from the site's own "
-                    "configuration (local/fedoap_site.json), never from a job")
+        return (f"FedOAPExecutor runs only fedoap's own client script in-process, with the job's run configuration "
+                f"({RUN_CONFIG_FILE}); the job sets {extra}, which a job may not set (allowed: {sorted(ALLOWED_ARGS)})")
+    return None
+
+
+def run_config_refusal(path: str, simulate: bool = False, build_method: bool = True) -> Optional[str]:
+    """Why the run configuration at ``path`` (a job's ``app/config/fedoap_run.json``) must not run here, or None.
+
+    Args:
+        simulate: the job runs in NVFlare's simulator, where the data folders come from the job.
+        build_method: check the method's arguments too, by building it (imports torch and every method: not in a
+            site's parent process, which must answer a deployment within NVFlare's timeout).
+    """
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as err:
+        return f"the job carries no readable run configuration {RUN_CONFIG_FILE} ({err.strerror})"
+    if "${" in text:
+        return "the run configuration may not reference the site's secrets or environment (${...})"
+    try:
+        data = RunConfig.from_json(text).data if build_method else check_document(text)
+    except ValueError as err:
+        return f"invalid run configuration {RUN_CONFIG_FILE}: {err}"
+    folders = data.set_fields()
+    if folders and not simulate:
+        return (f"the job's run configuration sets {folders}: in a deployed site the data folders come only from the "
+                "site's own configuration (local/fedoap_site.json), never from a job")
     return None
 
 
@@ -97,16 +93,15 @@ def resolve_client_script(custom_dir: Optional[str] = None) -> str:
 
 
 class FedOAPExecutor(ClientAPIExecutor):
-    """Runs fedoap's client script in-process (see the module docstring); a job may set only :data:`ALLOWED_ARGS`.
+    """Runs fedoap's client script in-process with the job's run configuration (see the module docstring); a job may
+    set only :data:`ALLOWED_ARGS`.
 
     Raises:
-        ValueError: the job sets any other argument (a script path, a command, an execution mode, ...) or passes
-            secrets references in ``task_script_args``.
+        ValueError: the job sets any other argument (a script path or arguments, a command, an execution mode, ...).
     """
 
     def __init__(
         self,
-        task_script_args: str = "",
         params_exchange_format: str = ExchangeFormat.PYTORCH,
         server_expected_format: str = ExchangeFormat.PYTORCH,
         params_transfer_type: str = TransferType.FULL,
@@ -114,13 +109,12 @@ class FedOAPExecutor(ClientAPIExecutor):
         cuda_empty_cache: bool = False,
         **refused: Any,
     ) -> None:
-        reason = refused_args({"task_script_args": task_script_args, **refused}, simulate=True)
+        reason = refused_args(refused)
         if reason:
             raise ValueError(reason)
         super().__init__(
             execution_mode=ExecutionMode.IN_PROCESS,
             task_script_path=CLIENT_SCRIPT,
-            task_script_args=task_script_args,
             params_exchange_format=params_exchange_format,
             server_expected_format=server_expected_format,
             params_transfer_type=params_transfer_type,
@@ -128,26 +122,41 @@ class FedOAPExecutor(ClientAPIExecutor):
             cuda_empty_cache=cuda_empty_cache,
         )
         # stored under the constructor's names, so that NVFlare's job export writes them back
-        self.task_script_args = task_script_args
         self.params_exchange_format = params_exchange_format
         self.server_expected_format = server_expected_format
         self.params_transfer_type = params_transfer_type
         self.memory_gc_rounds = memory_gc_rounds
         self.cuda_empty_cache = cuda_empty_cache
 
+    def script_arguments(self, fl_ctx: FLContext) -> str:
+        """The client script's one argument, ``--run-config PATH``, once the job's run configuration passed
+        :func:`run_config_refusal`; also points the executor at the script on this site.
+
+        Raises:
+            ValueError: why the job must not run here.
+        """
+        simulate = bool(fl_ctx.get_prop(FLContextKey.SIMULATE_MODE, False))
+        workspace = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
+        job_id = fl_ctx.get_prop(FLContextKey.CURRENT_JOB_ID)
+        if workspace is None or not job_id:
+            raise ValueError("FedOAPExecutor needs the site's workspace and the job id to find the run configuration")
+        path = os.path.join(workspace.get_app_config_dir(job_id), RUN_CONFIG_FILE)
+        reason = run_config_refusal(path, simulate=simulate)
+        if reason:
+            raise ValueError(reason)
+        self._task_script_path = resolve_client_script(workspace.get_app_custom_dir(job_id))
+        if any(c.isspace() for c in path):  # NVFlare splits script arguments on whitespace, without quoting
+            path = os.path.relpath(path)  # from this process's working folder: the job id and app folder have none
+        if any(c.isspace() for c in path):
+            raise ValueError(f"the run configuration's path {path!r} contains whitespace, which NVFlare's script "
+                             "arguments cannot carry")
+        return f"--run-config {path}"
+
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         if event_type == EventType.START_RUN:
-            simulate = bool(fl_ctx.get_prop(FLContextKey.SIMULATE_MODE, False))
-            reason = refused_args({"task_script_args": self.task_script_args}, simulate=simulate)
-            workspace = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
-            job_id = fl_ctx.get_prop(FLContextKey.CURRENT_JOB_ID)
-            custom_dir = workspace.get_app_custom_dir(job_id) if workspace is not None and job_id else None
-            if reason is None:
-                try:
-                    self._task_script_path = resolve_client_script(custom_dir)
-                except ValueError as err:
-                    reason = str(err)
-            if reason:
-                self.system_panic(reason, fl_ctx)
+            try:
+                self._task_script_args = self.script_arguments(fl_ctx)
+            except ValueError as err:
+                self.system_panic(str(err), fl_ctx)
                 return
         super().handle_event(event_type, fl_ctx)

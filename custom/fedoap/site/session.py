@@ -1,0 +1,258 @@
+"""One site's part of a job, as an object: its data, its trainer, its privacy boundary, the personalization at the
+end, and what it reports, so that the Client API script (``fedoap.site.client``) is only a task loop.
+
+A session is built once per job (the script runs in-process for the whole job, so the site's local parameters,
+optimizer state, DP accountant and data stay in memory across rounds) and answers each task with a :class:`Reply`:
+
+- ``train``: load the server's shared parameters, train ``local_epochs``, evaluate on the validation and test splits
+  (aggregate Dice/HD95 only, for the benchmark protocol's best-validation-round score), release the shared parameters
+  through the site's privacy boundary with the aggregation weight;
+- ``personalize``: load the final shared parameters, fine-tune every parameter with the method's fine-tuning loss
+  (PBL for FedOAP), keep the best epoch on the validation split, evaluate on the test split and on the unseen organ,
+  write the site's detailed results into its workspace (owner-only, encrypted under its at-rest key), and reply with
+  metrics only.
+
+Client-level DP of the shared update is the stricter of the job's options and the site's mandatory policy, which the
+site's privacy filter (``fedoap.site.policy``) announces in the meta of every task; it is fixed when the first task
+arrives (one accountant for the whole job), and every released update carries a stamp of what it went through.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from fedoap.config import DataOptions, RunConfig
+from fedoap.data import SiteData, SliceSet, load_site, load_unseen
+from fedoap.eval.metrics import EMPTY_MASK_RULE, summarize
+from fedoap.privacy.at_rest import find_site_key, make_private_dir
+from fedoap.privacy.dp import UpdateDPConfig
+from fedoap.protocol import (AGGREGATION_WEIGHT_KEY, DP_STAMP_KEY, NUM_SAMPLES_KEY, NUM_STEPS_KEY, PERSONALIZE_TASK,
+                             SITE_STATISTICS_KEY)
+from fedoap.site.outputs import write_site_outputs
+from fedoap.site.policy import budget_from_meta, policy_from_meta
+from fedoap.site.privacy import SitePrivacy, public_metrics, stricter
+from fedoap.site.site_config import find_site_config, load_site_config
+from fedoap.training import LocalTrainer, TrainConfig
+
+__all__ = ["SiteSession", "Reply", "SITE_RESULTS_DIR", "pool_sites", "site_data_dirs"]
+
+#: folder (under the site's workspace, per job) with the files that never leave the site
+SITE_RESULTS_DIR = "fedoap"
+N_OVERLAYS = 4
+
+
+@dataclass
+class Reply:
+    """What a site sends back for one task: the released parameters (empty for metrics only), metrics, meta."""
+
+    params: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+# -- data -------------------------------------------------------------------------------------------------------------
+def site_data_dirs(data: DataOptions, site: str, workspace_root: str | os.PathLike) -> tuple[Path, Optional[Path]]:
+    """The site's data folder and the unseen organ's (or None): under ``data.data_root`` when the job gives one
+    (simulation; a deployed site's executor refuses it), else from the site's own configuration file.
+
+    Raises:
+        fedoap.site.site_config.SiteConfigError: no data root and no valid site configuration (names the file).
+    """
+    if data.data_root:
+        return Path(data.data_root) / site, (Path(data.unseen_dir) if data.unseen_dir else None)
+    config = load_site_config(find_site_config(workspace_root))
+    unseen = Path(data.unseen_dir) if data.unseen_dir else config.unseen_dir
+    return config.data_dir, unseen
+
+
+def _concat(parts: Sequence[tuple[str, SliceSet]]) -> SliceSet:
+    return SliceSet(images=np.concatenate([s.images for _, s in parts]),
+                    labels=np.concatenate([s.labels for _, s in parts]),
+                    case_ids=[f"{site}/{c}" for site, s in parts for c in s.case_ids])
+
+
+def pool_sites(sites: Sequence[SiteData]) -> SiteData:
+    """The centralized reference's data: every site's train, validation and test splits, each the union of the sites'
+    splits of the same name (the per-site splits are unchanged, so every method is tested on the same slices)."""
+    return SiteData(name="pooled", organ="+".join(d.organ for d in sites), modality="+".join(d.modality for d in sites),
+                    train=_concat([(d.name, d.train) for d in sites]),
+                    val=_concat([(d.name, d.val) for d in sites]),
+                    test=_concat([(d.name, d.test) for d in sites]))
+
+
+def _load_data(config: RunConfig, site: str, workspace: Path) -> tuple[list[SiteData], SiteData, Optional[SliceSet]]:
+    """The pooled sites (the centralized reference; else []), this site's data and the unseen organ's slices."""
+    size, seed = config.training.image_size, config.training.seed
+    if config.data.pool_sites:  # the centralized reference: this one process reads every site's data
+        root = Path(config.data.data_root)
+        sites = [load_site(root / s, image_size=size, seed=seed, name=s) for s in config.data.pool_sites]
+        data = pool_sites(sites)
+        unseen_dir = Path(config.data.unseen_dir) if config.data.unseen_dir else None
+    else:
+        sites = []
+        data_dir, unseen_dir = site_data_dirs(config.data, site, workspace)
+        data = load_site(data_dir, image_size=size, seed=seed, name=site)
+    return sites, data, load_unseen(unseen_dir, image_size=size) if unseen_dir else None
+
+
+def _overlay_indices(split: SliceSet, n: int) -> np.ndarray:
+    """Test images with the largest lesions first, so the overlay figure shows tumors, not empty slices."""
+    area = split.labels.reshape(len(split), -1).sum(1)
+    return np.argsort(-area, kind="stable")[:n]
+
+
+def _dp_sgd_release(stats: Mapping[str, Any]) -> Optional[dict]:
+    """The DP-SGD steps of the round, as the site's privacy ledger charges them (None without DP-SGD)."""
+    if "dp_sgd_round_steps" not in stats:
+        return None
+    return {"noise_multiplier": float(stats["dp_sgd_noise_multiplier"]),
+            "sample_rate": float(stats["dp_sgd_sample_rate"]), "steps": int(stats["dp_sgd_round_steps"]),
+            "unit": str(stats.get("dp_sgd_unit", "slice"))}
+
+
+class SiteSession:
+    """One site's state for one job (see the module docstring).
+
+    Args:
+        config: the job's run configuration (read and checked once by the client script).
+        site: the site's name. workspace: the site's workspace root (its ``local/`` configuration and keys).
+        job_id: names the folder of the site's outputs, ``<workspace>/<job_id>/fedoap``.
+
+    Raises:
+        fedoap.site.site_config.SiteConfigError, fedoap.data.DataValidationError, ValueError: the site's own
+            configuration, data or at-rest key is unusable (before any training).
+    """
+
+    def __init__(self, config: RunConfig, site: str, workspace: str | os.PathLike, job_id: str) -> None:
+        self.config = config
+        self.site = site
+        self.workspace = Path(workspace)
+        self.at_rest_key = find_site_key(self.workspace)  # a bad key file fails here, before any training
+        self.pooled, self.data, self.unseen = _load_data(config, site, self.workspace)
+        self.method = config.method.instance
+        self.train_config: TrainConfig = config.training.train_config()
+        dp = config.privacy.dp_sgd(total_epochs=config.training.rounds * config.training.local_epochs)
+        model = config.build_model()  # seeded as the server's initial checkpoint: local parts start identical
+        self.trainer = LocalTrainer(model, self.method, self.data.train, self.data.val, self.train_config, dp=dp)
+        self.privacy: Optional[SitePrivacy] = None  # built with the first task, which carries the site's DP policy
+        self.out_dir = make_private_dir(self.workspace / job_id / SITE_RESULTS_DIR)
+
+    @property
+    def private(self) -> bool:
+        """Whether what the site releases is differentially private (client-level DP or DP-SGD)."""
+        return bool(self.privacy and self.privacy.private) or self.trainer.dp is not None
+
+    def handle(self, task_name: str, params: Optional[Mapping[str, Any]], meta: Optional[Mapping[str, Any]]) -> Reply:
+        """Answer one task: load what the server sent, then train a round or personalize."""
+        meta = dict(meta or {})
+        if self.privacy is None:
+            self.privacy = self._site_privacy(policy_from_meta(meta))
+        global_shared = self.privacy.incoming(params or {})
+        self.trainer.load_shared(global_shared)
+        statistics = meta.get(SITE_STATISTICS_KEY)
+        if statistics:
+            self.method.receive_statistics(self.trainer.model, statistics)
+        if task_name == PERSONALIZE_TASK:
+            return Reply(metrics=public_metrics(self.personalize(), self.private))
+        return self.train_round(global_shared, meta)
+
+    # -- tasks ---------------------------------------------------------------------------------------------------------
+    def train_round(self, global_shared: Mapping[str, Any], task_meta: Mapping[str, Any]) -> Reply:
+        """One federated round: train, evaluate, release the shared update with its stamp and weight."""
+        trainer, data = self.trainer, self.data
+        stats = trainer.train_round()
+        val = summarize(trainer.evaluate(data.val))
+        # the round's model on the test split too: FL-MedSegBench's protocol score is the test Dice at the best
+        # validation round (aggregate numbers only, like val Dice)
+        test = summarize(trainer.evaluate(data.test))
+        per_site = {}
+        for d in self.pooled:  # centralized reference: the pooled model's scores on each site's splits
+            per_site.update({f"val_dice/{d.name}": summarize(trainer.evaluate(d.val))["dice"],
+                             f"test_dice/{d.name}": summarize(trainer.evaluate(d.test))["dice"]})
+        weight = stats["aggregation_weight"]  # training samples; steps for a method that weights by steps (FedGS)
+        payload, privacy_metrics = self.privacy.outgoing(trainer.shared_params(), global_shared, weight)
+        meta = {NUM_STEPS_KEY: stats["steps"], NUM_SAMPLES_KEY: stats["n_samples"], AGGREGATION_WEIGHT_KEY: weight}
+        # DP-SGD's accounting, without the largest case's slice count (a fact about the training data)
+        dp_sgd_stats = {k: v for k, v in stats.get("privacy", {}).items() if k != "max_slices_per_case"}
+        stamp = self.privacy.stamp(_dp_sgd_release(dp_sgd_stats))
+        if payload and stamp is not None:  # what the released update went through (checked by the site's policy)
+            meta[DP_STAMP_KEY] = stamp
+        site_statistics = self.method.site_statistics(data.train)
+        if site_statistics is not None:
+            meta[SITE_STATISTICS_KEY] = site_statistics
+        metrics = {"train_loss": stats["train_loss"], "val_dice": val["dice"], "test_dice": test["dice"],
+                   "test_hd95": test["hd95"], "images_per_s": stats["images_per_s"],
+                   "train_seconds": stats["train_seconds"], **per_site}
+        budget = budget_from_meta(task_meta) or {}  # the site's privacy ledger, before this round's release
+        budget_left = {f"dp_budget_left/{unit}": state["left"] for unit, state in budget.items()
+                       if isinstance(state, dict)}
+        return Reply(params=payload, meta=meta,
+                     metrics={**public_metrics(metrics, self.private), **dp_sgd_stats, **privacy_metrics, **budget_left})
+
+    def personalize(self) -> dict[str, Any]:
+        """Fine-tune, evaluate and write the site's detailed results; the metrics sent to the server (the centralized
+        reference: every pooled site fine-tunes its own copy, metrics ``<name>/<site>`` and their means)."""
+        if not self.pooled:
+            return self._personalize(self.trainer, self.data, self.out_dir)
+        metrics: dict[str, Any] = {}
+        for data in self.pooled:
+            trainer = LocalTrainer(copy.deepcopy(self.trainer.model), self.method, data.train, data.val,
+                                   self.train_config)
+            site_metrics = self._personalize(trainer, data, make_private_dir(self.out_dir / data.name))
+            metrics.update({f"{k}/{data.name}": v for k, v in site_metrics.items() if k != "organ"})
+        for key in ("test_dice", "test_hd95", "val_dice"):
+            metrics[key] = float(np.mean([metrics[f"{key}/{d.name}"] for d in self.pooled]))
+        return metrics
+
+    # -- helpers -------------------------------------------------------------------------------------------------------
+    def _personalize(self, trainer: LocalTrainer, data: SiteData, out_dir: Path) -> dict[str, Any]:
+        finetune = trainer.finetune()
+        test_scores = trainer.evaluate(data.test)
+        test = summarize(test_scores)
+        metrics = {
+            "organ": data.organ,
+            "test_dice": test["dice"],
+            "test_hd95": test["hd95"],
+            "n_test": test["n_images"],
+            "n_test_empty": test["n_empty_gt"],
+            "best_finetune_epoch": finetune["best_epoch"],
+            "best_val_dice": finetune["best_val_dice"],
+            "val_dice": finetune["best_val_dice"],  # the job's key metric, as in every training round
+        }
+        detail = {"site": data.name, "empty_mask_rule": EMPTY_MASK_RULE, "finetune": finetune, "test": test,
+                  "test_per_image_dice": test_scores.dice, "test_per_image_hd95": test_scores.hd95}
+        if self.unseen is not None:
+            unseen_scores = summarize(trainer.evaluate(self.unseen))
+            metrics.update({"unseen_dice": unseen_scores["dice"], "unseen_hd95": unseen_scores["hd95"]})
+            detail["unseen"] = unseen_scores
+        idx = _overlay_indices(data.test, N_OVERLAYS)
+        write_site_outputs(out_dir, state_dict=trainer.model.state_dict(),
+                           overlays={"image": data.test.images[idx, 0], "label": data.test.labels[idx, 0],
+                                     "pred": trainer.predict(data.test.images[idx]).numpy()[:, 0]},
+                           detail={**detail, "metrics": metrics}, key=self.at_rest_key)
+        return metrics
+
+    def _site_privacy(self, site_policy: Optional[UpdateDPConfig]) -> SitePrivacy:
+        """The site's HE context (from its own configuration) and client-level DP settings: the stricter of the job's
+        and the site policy's.
+
+        Raises:
+            ValueError: the site imposes client-level DP on a method that shares statistics in clear (not covered).
+        """
+        if site_policy is not None and self.method.shares_statistics:
+            raise ValueError(f"site {self.site!r} imposes client-level DP on every job, but method "
+                             f"{self.config.method.name!r} shares statistics of its training data in clear, which that "
+                             "DP would not cover")
+        context = None
+        if self.config.privacy.he:
+            from fedoap.privacy.contexts import find_context_file
+            from fedoap.privacy.he import load_context
+
+            context = load_context(find_context_file("client", self.workspace))
+        return SitePrivacy(he_context=context, update_dp=stricter(self.config.privacy.update_dp(), site_policy))
