@@ -4,9 +4,10 @@ state that leaves out what it declares local, its update survives a round trip t
 DP-SGD and HE capabilities are what the trainer and the run configuration do, its recipe exports, and it learns a
 trivial segmentation task.
 
-Tiny on purpose (width 4, 32 x 32 discs, a handful of images): the whole file runs in well under a minute on 2 cores.
+Tiny on purpose (width 4, 32 x 32 discs, a handful of images, no NVFlare process): about a minute on one core.
 """
 
+import json
 import re
 
 import numpy as np
@@ -33,7 +34,7 @@ SIZE = 32  # the smallest input FedOAPNet takes (2 x 2 attention tokens)
 
 def disc_split(n: int, seed: int) -> SliceSet:
     """``n`` images of one bright disc (radius 4-7 px) on a dark, slightly noisy background; the disc is the label.
-    Every image has a lesion, so predicting nothing scores Dice 0 and predicting everything ~0.1."""
+    Every image has a lesion, so predicting nothing scores Dice 0 and predicting everything ~0.2."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:SIZE, :SIZE]
     images, labels = [], []
@@ -47,8 +48,8 @@ def disc_split(n: int, seed: int) -> SliceSet:
 
 
 def site(name: str, train: SliceSet, val: SliceSet, dp=None, **config) -> LocalTrainer:
-    """A site's trainer for method ``name`` (default arguments), its model seeded as every site and the server seed
-    it (so the local parts start where the shared ones do)."""
+    """A site's trainer for method ``name`` (default arguments); its model is seeded, as the server and every site seed
+    theirs, so the local parts start where the shared ones do."""
     method = METHODS[name]()
     torch.manual_seed(0)
     model = method.build_model(MODEL_ARGS)
@@ -255,8 +256,6 @@ def test_he_is_refused_exactly_for_the_methods_whose_rule_or_statistics_need_pla
 # -- the recipe ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
 def test_the_recipe_exports_a_job_with_the_method_network_and_shared_keys(name, tmp_path):
-    import json
-
     config = run_config(name)
     recipe = FedOAPRecipe(config=config, name=f"contract-{name}", min_clients=2)
     recipe.export(str(tmp_path))
@@ -281,12 +280,7 @@ def _group(key: str) -> str:
     return ".".join(key.split(".")[:2])
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=(
-        "PN's network (PopulationNormFedOAPNet) starts from PyTorch's default convolution initialization, under which "
-        "its identity population statistics pass a vanishing signal: the documented limitation in "
-        "fedoap.methods.pn (the fix, conv_init='he' in fedoap.networks.norm_variants, is pending)")))
-    if n == "pn" else n for n in NAMES])
+@pytest.mark.parametrize("name", NAMES)
 def test_the_round_loss_reaches_every_part_of_the_network_at_initialization(name):
     """The gradient of the method's own step loss, on the seeded initial network, is not vanishing anywhere: the
     failure mode of a network whose normalization starts as the identity (the README's PN row)."""
@@ -308,20 +302,20 @@ def test_the_round_loss_reaches_every_part_of_the_network_at_initialization(name
 
 
 #: validation Dice a method must reach on the disc task (chance: 0 for an empty prediction, ~0.2 for a full one;
-#: FedAvg reaches 0.99 here, the slowest, FedRep and SioBN, 0.9)
+#: FedAvg reaches 0.93 here, the slowest, FedRep and SioBN, 0.8)
 LEARNS = 0.5
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_learns_to_segment_a_bright_disc(name):
-    """Eight rounds of one local epoch (four steps) in a federation of one site, through the method's server rule,
-    then the method's fine-tuning (one epoch): validation Dice well above chance. The learning rate is ten times the
-    default so that 36 steps suffice on 2 CPU cores; it can hide a slow start, which the test above checks."""
+    """Six rounds of one local epoch (four steps) in a federation of one site, through the method's server rule, then
+    the method's fine-tuning (one epoch): validation Dice well above chance. The learning rate is ten times the
+    default so that 28 steps suffice on 2 CPU cores; it can hide a slow start, which the test above checks."""
     trainer = site(name, disc_split(16, 1), disc_split(8, 2), finetune_epochs=1)
     method = trainer.method
     global_shared = trainer.shared_params()
     rule = method.server_rule(global_shared, **method.server_rule_args())
-    for _ in range(8):
+    for _ in range(6):
         trainer.load_shared(global_shared)
         stats = trainer.train_round()
         if rule.shares:
@@ -330,4 +324,4 @@ def test_learns_to_segment_a_bright_disc(name):
             global_shared = rule.result()
     trainer.load_shared(global_shared)
     dice = trainer.finetune()["best_val_dice"]
-    assert dice >= LEARNS, f"{name}: validation Dice {dice:.3f} after 8 rounds and fine-tuning"
+    assert dice >= LEARNS, f"{name}: validation Dice {dice:.3f} after 6 rounds and fine-tuning"

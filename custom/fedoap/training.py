@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional
 
 import numpy as np
@@ -302,6 +302,3 @@ class LocalTrainer:
     def evaluate(self, split: SliceSet) -> ImageScores:
         """Per-image Dice and HD95 of the current model on a split."""
         return per_image_scores(self.predict(split.images), torch.from_numpy(split.labels))
-
-    def config_dict(self) -> dict[str, object]:
-        return asdict(self.config)
