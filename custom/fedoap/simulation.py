@@ -29,7 +29,7 @@ from fedoap.data import generate_federation, load_site, load_unseen
 from fedoap.eval.metrics import EMPTY_MASK_RULE
 from fedoap.site.session import SITE_RESULTS_DIR
 from fedoap.protocol import HISTORY_FILE
-from fedoap.site.outputs import find_site_outputs, load_detail, load_overlays
+from fedoap.site.outputs import find_site_outputs, load_overlays
 from fedoap.jsonio import to_jsonable, write_json
 from fedoap.methods.centralized import POOLED_SITE
 from fedoap.report import plot_dice_per_round, plot_overlays, results_table
@@ -190,7 +190,9 @@ def _privacy_summary(run: RunConfig, clients: Sequence[str], history: dict[str, 
     return summary
 
 
-def _read_site(ws: Path, site: str, pooled: bool = False) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _read_overlays(ws: Path, site: str, pooled: bool = False) -> dict[str, np.ndarray]:
+    """The overlay examples a site kept in its own workspace (patient images never reach the server: only a
+    simulation, where every site's workspace is on this machine, can draw them)."""
     process = POOLED_SITE if pooled else site
     folder = ws / process / SIM_JOB_ID / SITE_RESULTS_DIR
     if pooled:
@@ -199,18 +201,23 @@ def _read_site(ws: Path, site: str, pooled: bool = False) -> tuple[dict[str, Any
         paths = find_site_outputs(folder)
     except FileNotFoundError as err:
         raise SimulationError(f"{err}: site {site!r} failed; see {ws / process / 'log.txt'}") from err
-    return load_detail(paths.detail), load_overlays(paths.overlays)
+    return load_overlays(paths.overlays)
 
 
 def _unpool_history(history: dict[str, Any], sites: Sequence[str]) -> dict[str, Any]:
-    """The centralized reference's round history in the per-site form of every other method: the pooled model's
-    validation and test Dice on each site's splits (reported as ``val_dice/<site>``), no upload."""
+    """The centralized reference's history in the per-site form of every other method: per round, the pooled model's
+    validation and test Dice on each site's splits (reported as ``val_dice/<site>``), no upload; and each site's
+    personalized results (reported as ``<metric>/<site>``)."""
     history = copy.deepcopy(history)
     for record in history["rounds"]:
         pooled = record["sites"].get(POOLED_SITE, {})
         record["sites"] = {site: {**{k: v for k, v in pooled.items() if "/" not in k},
                                   "val_dice": pooled.get(f"val_dice/{site}"), "test_dice": pooled.get(f"test_dice/{site}"),
                                   "bytes_uploaded": 0} for site in sites}
+    pooled = history.get("personalized", {}).get(POOLED_SITE)
+    if pooled is not None:
+        history["personalized"] = {site: {k.rsplit("/", 1)[0]: v for k, v in pooled.items() if k.endswith(f"/{site}")}
+                                   for site in sites}
     return history
 
 
@@ -293,9 +300,11 @@ def run_simulation(run: RunConfig, federation: FederationOptions, out: str | os.
         history = _unpool_history(history, federation.clients)
 
     clients, unseen, overlays, bytes_per_round = {}, {}, {}, {}
-    for site in federation.clients:
-        detail, overlays[site] = _read_site(ws, site, pooled=pooled)
-        m = detail["metrics"]
+    for site in federation.clients:  # what each site reported to the server; its overlays from its own workspace
+        m = history.get("personalized", {}).get(site)
+        if not m:
+            raise SimulationError(f"site {site!r} sent no personalized results; see {ws}/<site>/log.txt")
+        overlays[site] = _read_overlays(ws, site, pooled=pooled)
         clients[site] = {"organ": m["organ"], "dice": m["test_dice"], "hd95": m["test_hd95"], "n_test": m["n_test"],
                          "n_test_empty": m["n_test_empty"], "best_finetune_epoch": m["best_finetune_epoch"],
                          "best_val_dice": m["best_val_dice"]}

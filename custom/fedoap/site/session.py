@@ -205,7 +205,7 @@ class SiteSession:
             trainer = LocalTrainer(copy.deepcopy(self.trainer.model), self.method, data.train, data.val,
                                    self.train_config)
             site_metrics = self._personalize(trainer, data, make_private_dir(self.out_dir / data.name))
-            metrics.update({f"{k}/{data.name}": v for k, v in site_metrics.items() if k != "organ"})
+            metrics.update({f"{k}/{data.name}": v for k, v in site_metrics.items()})
         for key in ("test_dice", "test_hd95", "val_dice"):
             metrics[key] = float(np.mean([metrics[f"{key}/{d.name}"] for d in self.pooled]))
         return metrics
