@@ -8,10 +8,9 @@ from torch import nn
 
 from fedoap.data import SiteData, SliceSet
 from fedoap.server.rules import RULES, FedNovaRule, NoAggregation, WeightedMean, rule_for_job
-from fedoap.site.session import pool_sites
+from fedoap.methods.centralized import pool_sites, unpool_history
 from fedoap.config import RunConfig
 from fedoap.methods import Centralized, FedAvg, get_method
-from fedoap.simulation import _unpool_history
 from fedoap.training import LocalTrainer, TrainConfig
 
 TINY = {"channels": [2, 4, 4, 8], "bottleneck_channels": 8}
@@ -107,7 +106,7 @@ def test_centralized_history_is_reported_per_site():
     history = {"rounds": [{"round": 0, "sites": {"pooled": {"train_loss": 0.5, "val_dice": 0.3, "val_dice/a": 0.2,
                                                              "val_dice/b": 0.4, "test_dice/a": 0.1,
                                                              "test_dice/b": 0.6, "bytes_uploaded": 0}}}]}
-    per_site = _unpool_history(history, ["a", "b"])["rounds"][0]["sites"]
+    per_site = unpool_history(history, ["a", "b"])["rounds"][0]["sites"]
     assert per_site["a"] == {"train_loss": 0.5, "val_dice": 0.2, "test_dice": 0.1, "bytes_uploaded": 0}
     assert per_site["b"]["val_dice"] == 0.4 and per_site["b"]["test_dice"] == 0.6
     assert "pooled" in history["rounds"][0]["sites"]  # the server's own record is left as it was

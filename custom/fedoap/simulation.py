@@ -31,7 +31,7 @@ from fedoap.site.session import SITE_RESULTS_DIR
 from fedoap.protocol import HISTORY_FILE
 from fedoap.site.outputs import find_site_outputs, load_overlays
 from fedoap.jsonio import to_jsonable, write_json
-from fedoap.methods.centralized import POOLED_SITE
+from fedoap.methods.centralized import POOLED_SITE, unpool_history
 from fedoap.report import plot_dice_per_round, plot_overlays, results_table
 
 __all__ = ["SimulationError", "run_simulation", "config_record", "synthetic_sites", "synthetic_federation",
@@ -204,23 +204,6 @@ def _read_overlays(ws: Path, site: str, pooled: bool = False) -> dict[str, np.nd
     return load_overlays(paths.overlays)
 
 
-def _unpool_history(history: dict[str, Any], sites: Sequence[str]) -> dict[str, Any]:
-    """The centralized reference's history in the per-site form of every other method: per round, the pooled model's
-    validation and test Dice on each site's splits (reported as ``val_dice/<site>``), no upload; and each site's
-    personalized results (reported as ``<metric>/<site>``)."""
-    history = copy.deepcopy(history)
-    for record in history["rounds"]:
-        pooled = record["sites"].get(POOLED_SITE, {})
-        record["sites"] = {site: {**{k: v for k, v in pooled.items() if "/" not in k},
-                                  "val_dice": pooled.get(f"val_dice/{site}"), "test_dice": pooled.get(f"test_dice/{site}"),
-                                  "bytes_uploaded": 0} for site in sites}
-    pooled = history.get("personalized", {}).get(POOLED_SITE)
-    if pooled is not None:
-        history["personalized"] = {site: {k.rsplit("/", 1)[0]: v for k, v in pooled.items() if k.endswith(f"/{site}")}
-                                   for site in sites}
-    return history
-
-
 def run_simulation(run: RunConfig, federation: FederationOptions, out: str | os.PathLike, *,
                    overwrite: bool = False, verbose: bool = True) -> dict[str, Any]:
     """Run the federation and return the content of ``results.json``.
@@ -297,7 +280,7 @@ def run_simulation(run: RunConfig, federation: FederationOptions, out: str | os.
         raise SimulationError(f"the server finished {len(history['rounds'])} of {t.rounds} rounds; see "
                               f"{ws / 'server' / 'log.txt'}")
     if pooled:  # one record per round for the pooled site: its scores on each site's splits
-        history = _unpool_history(history, federation.clients)
+        history = unpool_history(history, federation.clients)
 
     clients, unseen, overlays, bytes_per_round = {}, {}, {}, {}
     for site in federation.clients:  # what each site reported to the server; its overlays from its own workspace

@@ -8,25 +8,63 @@ every method (best epoch on its validation split) and is tested on its own test 
 every method on the same slices. FL-MedSegBench reports centralized training as the reference a federated method
 tries to reach.
 
-How it runs on the same engine: the simulation starts one NVFlare site (``pooled``) whose client script reads every
-site's folder (``--pool-sites``); the null rule (``NoAggregation``) combines nothing. That one process seeing every
+How it runs on the same engine, all of its special handling here: the simulation starts one NVFlare site
+(:data:`POOLED_SITE`) whose session reads every site's folder (the run configuration's ``pool_sites``) and trains on
+:func:`pool_sites`; the null rule (``NoAggregation``) combines nothing; the simulation reads the pooled site's history
+back per site with :func:`unpool_history`. That one process seeing every
 site's images is exactly what a real federation forbids: it exists for the comparison only, and it refuses HE and DP
 (there is no update leaving a site to protect).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import copy
+from typing import Any, Optional, Sequence
 
+import numpy as np
 from torch import nn
 
+from fedoap.data import SiteData, SliceSet
 from fedoap.methods.fedavg import FedAvg
 from fedoap.server.rules import NoAggregation
 
-__all__ = ["Centralized", "POOLED_SITE"]
+__all__ = ["Centralized", "POOLED_SITE", "pool_sites", "unpool_history"]
 
 #: name of the single simulated site of the centralized reference
 POOLED_SITE = "pooled"
+
+
+def _concat(parts: Sequence[tuple[str, SliceSet]]) -> SliceSet:
+    return SliceSet(images=np.concatenate([s.images for _, s in parts]),
+                    labels=np.concatenate([s.labels for _, s in parts]),
+                    case_ids=[f"{site}/{c}" for site, s in parts for c in s.case_ids])
+
+
+def pool_sites(sites: Sequence[SiteData]) -> SiteData:
+    """The pooled site's data: every site's train, validation and test splits, each the union of the sites' splits
+    of the same name (the per-site splits are unchanged, so every method is tested on the same slices)."""
+    return SiteData(name=POOLED_SITE, organ="+".join(d.organ for d in sites),
+                    modality="+".join(d.modality for d in sites),
+                    train=_concat([(d.name, d.train) for d in sites]),
+                    val=_concat([(d.name, d.val) for d in sites]),
+                    test=_concat([(d.name, d.test) for d in sites]))
+
+
+def unpool_history(history: dict[str, Any], sites: Sequence[str]) -> dict[str, Any]:
+    """The pooled site's server history in the per-site form of every other method: per round, the pooled model's
+    validation and test Dice on each site's splits (reported as ``val_dice/<site>``), no upload; and each site's
+    personalized results (reported as ``<metric>/<site>``)."""
+    history = copy.deepcopy(history)
+    for record in history["rounds"]:
+        pooled = record["sites"].get(POOLED_SITE, {})
+        record["sites"] = {site: {**{k: v for k, v in pooled.items() if "/" not in k},
+                                  "val_dice": pooled.get(f"val_dice/{site}"), "test_dice": pooled.get(f"test_dice/{site}"),
+                                  "bytes_uploaded": 0} for site in sites}
+    pooled = history.get("personalized", {}).get(POOLED_SITE)
+    if pooled is not None:
+        history["personalized"] = {site: {k.rsplit("/", 1)[0]: v for k, v in pooled.items() if k.endswith(f"/{site}")}
+                                   for site in sites}
+    return history
 
 
 class Centralized(FedAvg):

@@ -23,13 +23,14 @@ import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
 from fedoap.config import DataOptions, RunConfig
 from fedoap.data import SiteData, SliceSet, load_site, load_unseen
 from fedoap.eval.metrics import EMPTY_MASK_RULE, summarize
+from fedoap.methods.centralized import pool_sites
 from fedoap.privacy.at_rest import find_site_key, make_private_dir
 from fedoap.privacy.dp import UpdateDPConfig
 from fedoap.protocol import (AGGREGATION_WEIGHT_KEY, DP_STAMP_KEY, NUM_SAMPLES_KEY, NUM_STEPS_KEY, PERSONALIZE_TASK,
@@ -40,7 +41,7 @@ from fedoap.site.privacy import SitePrivacy, public_metrics, stricter
 from fedoap.site.site_config import find_site_config, load_site_config
 from fedoap.training import LocalTrainer, TrainConfig
 
-__all__ = ["SiteSession", "Reply", "SITE_RESULTS_DIR", "pool_sites", "site_data_dirs"]
+__all__ = ["SiteSession", "Reply", "SITE_RESULTS_DIR", "site_data_dirs"]
 
 #: folder (under the site's workspace, per job) with the files that never leave the site
 SITE_RESULTS_DIR = "fedoap"
@@ -69,21 +70,6 @@ def site_data_dirs(data: DataOptions, site: str, workspace_root: str | os.PathLi
     config = load_site_config(find_site_config(workspace_root))
     unseen = Path(data.unseen_dir) if data.unseen_dir else config.unseen_dir
     return config.data_dir, unseen
-
-
-def _concat(parts: Sequence[tuple[str, SliceSet]]) -> SliceSet:
-    return SliceSet(images=np.concatenate([s.images for _, s in parts]),
-                    labels=np.concatenate([s.labels for _, s in parts]),
-                    case_ids=[f"{site}/{c}" for site, s in parts for c in s.case_ids])
-
-
-def pool_sites(sites: Sequence[SiteData]) -> SiteData:
-    """The centralized reference's data: every site's train, validation and test splits, each the union of the sites'
-    splits of the same name (the per-site splits are unchanged, so every method is tested on the same slices)."""
-    return SiteData(name="pooled", organ="+".join(d.organ for d in sites), modality="+".join(d.modality for d in sites),
-                    train=_concat([(d.name, d.train) for d in sites]),
-                    val=_concat([(d.name, d.val) for d in sites]),
-                    test=_concat([(d.name, d.test) for d in sites]))
 
 
 def _load_data(config: RunConfig, site: str, workspace: Path) -> tuple[list[SiteData], SiteData, Optional[SliceSet]]:
