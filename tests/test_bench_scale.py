@@ -25,7 +25,8 @@ def test_scale_sites_cycle_organs_with_unequal_sizes():
 
 
 def test_peak_memory_counts_child_processes():
-    code = "import time; b = bytearray(200 * 2**20); time.sleep(1.5)"
+    # every page written (a zero-filled buffer may stay unmapped), held long enough for several samples
+    code = "import time; b = b'x' * (200 * 2**20); time.sleep(2.0)"
     with PeakMemory(interval_s=0.05) as peak:
         subprocess.run([sys.executable, "-c", code], check=True)
     assert peak.peak_processes >= 2

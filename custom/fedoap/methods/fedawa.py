@@ -47,13 +47,9 @@ class FedAWA(FedAvg):
     :class:`~fedoap.server.rules.FedAWARule`.
 
     Args:
-        server_epochs: descent steps on the weight logits per round (authors: 1).
-        server_lr: step size of the logits' optimizer (authors: 1e-3 with Adam).
-        server_optimizer: ``"adam"`` (betas 0.5, 0.999) or ``"sgd"`` (momentum 0.9, weight decay 5e-4).
-        reg_distance: ``"cos"`` or ``"euc"``.
-        gamma: factor of the aggregate (1: none).
-        logit_init: ``"weights"`` or ``"log_weights"``.
-        aggregate_with: ``"last_forward"`` or ``"updated"``.
+        settings: the rule's hyperparameters (:meth:`fedoap.server.rules.FedAWARule.check_args` declares them, with
+            the authors' defaults): ``server_epochs``, ``server_lr``, ``server_optimizer``, ``reg_distance``,
+            ``gamma``, ``logit_init``, ``aggregate_with``.
 
     Raises:
         ValueError: an invalid argument (see :meth:`fedoap.server.rules.FedAWARule.check_args`).
@@ -62,26 +58,8 @@ class FedAWA(FedAvg):
     name = "fedawa"
     server_rule = FedAWARule
 
-    def __init__(
-        self,
-        server_epochs: int = 1,
-        server_lr: float = 1e-3,
-        server_optimizer: str = "adam",
-        reg_distance: str = "cos",
-        gamma: float = 1.0,
-        logit_init: str = "weights",
-        aggregate_with: str = "last_forward",
-    ) -> None:
-        self.server_epochs = server_epochs
-        self.server_lr = server_lr
-        self.server_optimizer = server_optimizer
-        self.reg_distance = reg_distance
-        self.gamma = gamma
-        self.logit_init = logit_init
-        self.aggregate_with = aggregate_with
-        self.server_rule.check_args(**self.server_rule_args())  # fail here, before any site starts
+    def __init__(self, **settings: Any) -> None:
+        self.settings = self.server_rule.check_args(**settings)  # fail here, before any site starts
 
     def server_rule_args(self) -> dict[str, Any]:
-        return {"server_epochs": self.server_epochs, "server_lr": self.server_lr,
-                "server_optimizer": self.server_optimizer, "reg_distance": self.reg_distance, "gamma": self.gamma,
-                "logit_init": self.logit_init, "aggregate_with": self.aggregate_with}
+        return dict(self.settings)

@@ -37,9 +37,8 @@ class FedLWS(FedAvg):
     :class:`~fedoap.server.rules.FedLWSRule`.
 
     Args:
-        beta: scale of the updates' spread in ``tau`` (authors: 0.03).
-        min_tau, max_tau: bounds of ``tau`` (authors: 0.01, 0.2).
-        layers: ``"module"`` (a module's keys form a layer) or ``"key"`` (each key is a layer).
+        settings: the rule's hyperparameters (:meth:`fedoap.server.rules.FedLWSRule.check_args` declares them, with
+            the authors' defaults): ``beta``, ``min_tau``, ``max_tau``, ``layers``.
 
     Raises:
         ValueError: an invalid argument (see :meth:`fedoap.server.rules.FedLWSRule.check_args`).
@@ -48,12 +47,8 @@ class FedLWS(FedAvg):
     name = "fedlws"
     server_rule = FedLWSRule
 
-    def __init__(self, beta: float = 0.03, min_tau: float = 0.01, max_tau: float = 0.2, layers: str = "module") -> None:
-        self.beta = beta
-        self.min_tau = min_tau
-        self.max_tau = max_tau
-        self.layers = layers
-        self.server_rule.check_args(**self.server_rule_args())  # fail here, before any site starts
+    def __init__(self, **settings: Any) -> None:
+        self.settings = self.server_rule.check_args(**settings)  # fail here, before any site starts
 
     def server_rule_args(self) -> dict[str, Any]:
-        return {"beta": self.beta, "min_tau": self.min_tau, "max_tau": self.max_tau, "layers": self.layers}
+        return dict(self.settings)

@@ -91,26 +91,9 @@ class FedAWARule(ServerRule):
     name = "fedawa"
     reference = "broadcast"
 
-    def __init__(
-        self,
-        reference: Mapping[str, object],
-        server_epochs: int = 1,
-        server_lr: float = 1e-3,
-        server_optimizer: str = "adam",
-        reg_distance: str = "cos",
-        gamma: float = 1.0,
-        logit_init: str = "weights",
-        aggregate_with: str = "last_forward",
-    ) -> None:
-        self.check_args(server_epochs=server_epochs, server_lr=server_lr, server_optimizer=server_optimizer,
-                        reg_distance=reg_distance, gamma=gamma, logit_init=logit_init, aggregate_with=aggregate_with)
-        self.server_epochs = server_epochs
-        self.server_lr = server_lr
-        self.server_optimizer = server_optimizer
-        self.reg_distance = reg_distance
-        self.gamma = gamma
-        self.logit_init = logit_init
-        self.aggregate_with = aggregate_with
+    def __init__(self, reference: Mapping[str, object], **settings: Any) -> None:
+        for name, value in self.check_args(**settings).items():  # the hyperparameters are declared there, once
+            setattr(self, name, value)
         self.logits: dict[str, float] = {}
         super().__init__(reference)
 
@@ -124,14 +107,16 @@ class FedAWARule(ServerRule):
         gamma: float = 1.0,
         logit_init: str = "weights",
         aggregate_with: str = "last_forward",
-    ) -> None:
-        """Check FedAWA's hyperparameters.
+    ) -> dict[str, Any]:
+        """FedAWA's hyperparameters with their defaults (the authors'), checked: the one place they are declared (the
+        rule takes them as keywords; the method passes its own through).
 
         Raises:
             ValueError: ``server_epochs`` not an integer >= 1, ``server_lr`` or ``gamma`` not a finite number > 0, or
                 a name outside :data:`SERVER_OPTIMIZERS`, :data:`REG_DISTANCES`, :data:`LOGIT_INITS`,
                 :data:`AGGREGATE_WITH`.
         """
+        settings = {k: v for k, v in locals().items() if k != "cls"}
         if not isinstance(server_epochs, numbers.Integral) or isinstance(server_epochs, bool) or server_epochs < 1:
             raise ValueError(f"server_epochs must be an integer >= 1, got {server_epochs!r}")
         if not _is_real(server_lr) or server_lr <= 0:
@@ -144,6 +129,7 @@ class FedAWARule(ServerRule):
                                      ("aggregate_with", aggregate_with, AGGREGATE_WITH)):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        return settings
 
     def reset(self, reference: Mapping[str, object]) -> None:
         """Start a round from the broadcast ``x``; the logits learned so far carry on."""

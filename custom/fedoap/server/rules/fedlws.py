@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
@@ -85,31 +85,22 @@ class FedLWSRule(WeightedMean):
     linear = False
     reference = "broadcast"
 
-    def __init__(
-        self,
-        reference: Mapping[str, object],
-        beta: float = 0.03,
-        min_tau: float = 0.01,
-        max_tau: float = 0.2,
-        layers: str = "module",
-    ) -> None:
-        self.check_args(beta=beta, min_tau=min_tau, max_tau=max_tau, layers=layers)
-        self.beta = beta
-        self.min_tau = min_tau
-        self.max_tau = max_tau
-        self.layers = layers
+    def __init__(self, reference: Mapping[str, object], **settings: Any) -> None:
+        for name, value in self.check_args(**settings).items():  # the hyperparameters are declared there, once
+            setattr(self, name, value)
         super().__init__(reference)
 
     @classmethod
     def check_args(  # type: ignore[override]
         cls, beta: float = 0.03, min_tau: float = 0.01, max_tau: float = 0.2, layers: str = "module"
-    ) -> None:
-        """Check FedLWS's hyperparameters.
+    ) -> dict[str, Any]:
+        """FedLWS's hyperparameters with their defaults (the authors'), checked: the one place they are declared.
 
         Raises:
             ValueError: ``beta`` not a finite number >= 0, ``min_tau``/``max_tau`` not finite numbers with
                 ``0 <= min_tau <= max_tau``, or ``layers`` outside :data:`LAYER_GROUPINGS`.
         """
+        settings = {k: v for k, v in locals().items() if k != "cls"}
         if not _is_real(beta) or beta < 0:
             raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
         if not (_is_real(min_tau) and _is_real(max_tau)) or not 0 <= min_tau <= max_tau:
@@ -117,6 +108,7 @@ class FedLWSRule(WeightedMean):
                              f"got {min_tau!r}, {max_tau!r}")
         if layers not in LAYER_GROUPINGS:
             raise ValueError(f"layers must be one of {LAYER_GROUPINGS}, got {layers!r}")
+        return settings
 
     def reset(self, reference: Mapping[str, object]) -> None:
         super().reset(reference)
