@@ -4,7 +4,6 @@ the centralized reference's pooled data."""
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from fedoap.data import SiteData, SliceSet
 from fedoap.server.rules import RULES, FedNovaRule, NoAggregation, WeightedMean, rule_for_job

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from fedoap.cli import main
 from fedoap.server.controller import ENCRYPTED_CHECKPOINT, load_encrypted_checkpoint

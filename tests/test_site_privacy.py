@@ -1,7 +1,6 @@
 """The site boundary with real TenSEAL and the real clip-and-noise: what leaves a site, in which order, and what the
 server can do with it."""
 
-import numpy as np
 import pytest
 import torch
 

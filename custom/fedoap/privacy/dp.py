@@ -54,6 +54,7 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 
 from fedoap.losses import BCEDiceLoss, PerturbedBoundaryLoss
 from fedoap.privacy.secure_random import os_seeded_generator, reseed, secure_normal
+from fedoap.checks import is_finite_number as _is_real
 
 __all__ = [
     "UpdateDPConfig",
@@ -73,9 +74,6 @@ _GRAD_SAMPLE_MODES = ("hooks", "functorch")
 _UNITS = ("slice", "case")
 _NOISE_SOURCES = ("chacha20", "os_seeded")
 
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
 def _check_positive(name: str, value: object) -> None:
@@ -724,13 +722,19 @@ class DPSGD:
     def epsilon(self, delta: float | None = None) -> float:
         """Epsilon spent so far by every DP-SGD step of this site (at ``delta``, default the configured one), per
         DP record: per slice with ``unit="slice"``, per case with ``unit="case"``."""
+        delta, trivial = self._delta_or_trivial(delta)
+        return trivial if trivial is not None else float(self.engine.get_epsilon(delta))
+
+    def _delta_or_trivial(self, delta: float | None) -> tuple[float, float | None]:
+        """The checked delta (default the configured one), and the epsilon when no accountant is needed: 0 before
+        the first step, inf without noise (else None)."""
         delta = self.config.delta if delta is None else delta
         _check_delta(delta)
         if self.steps == 0:
-            return 0.0
+            return float(delta), 0.0
         if self.noise_multiplier == 0.0:
-            return math.inf
-        return float(self.engine.get_epsilon(float(delta)))
+            return float(delta), math.inf
+        return float(delta), None
 
     def case_epsilon(self, delta: float | None = None) -> float | None:
         """Epsilon that protects a whole case (patient) at ``delta``: :meth:`epsilon` itself with ``unit="case"``
@@ -741,13 +745,10 @@ class DPSGD:
             return self.epsilon(delta)
         if self.max_slices_per_case is None:
             return None
-        delta = self.config.delta if delta is None else delta
-        _check_delta(delta)
-        if self.steps == 0:
-            return 0.0
-        if self.noise_multiplier == 0.0:
-            return math.inf
-        return group_epsilon(list(self.engine.accountant.history), self.max_slices_per_case, float(delta))
+        delta, trivial = self._delta_or_trivial(delta)
+        if trivial is not None:
+            return trivial
+        return group_epsilon(list(self.engine.accountant.history), self.max_slices_per_case, delta)
 
     @property
     def steps(self) -> int:

@@ -44,6 +44,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 from opacus.accountants import RDPAccountant
 
 from fedoap.files import PRIVATE_FILE_MODE, write_atomic
+from fedoap.checks import is_finite_number as _is_real
 
 __all__ = [
     "LEDGER_FILE",
@@ -87,9 +88,6 @@ class BudgetExceededError(ValueError):
             f"{delta:g}, this site has spent {spent:.4f}, and this release would make it {would_be:.4f}"
         )
 
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from fedoap.jsonio import to_json_text
-from fedoap.privacy.at_rest import AtRestError, load_private, save_private
+from fedoap.privacy.at_rest import load_private, save_private
 
 __all__ = [
     "MODEL_FILE",

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from fedoap.server.rules.base import ServerRule
+from fedoap.checks import is_finite_number as _is_real
 
 __all__ = ["FedAWARule", "REG_DISTANCES", "SERVER_OPTIMIZERS", "LOGIT_INITS", "AGGREGATE_WITH"]
 
@@ -45,9 +46,6 @@ AGGREGATE_WITH = ("last_forward", "updated")
 _CHUNK = 1 << 20  # values per chunk of a float64 inner product (bounded temporaries for large models)
 _COS_EPS = 1e-8  # torch.nn.CosineSimilarity's default, as in the authors' code
 
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> float:

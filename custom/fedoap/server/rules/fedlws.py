@@ -30,22 +30,18 @@ Choices the paper leaves open, fixed here:
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, Mapping, Optional
 
 import numpy as np
 
 from fedoap.server.rules.weighted_mean import WeightedMean
+from fedoap.checks import is_finite_number as _is_real
 
 __all__ = ["FedLWSRule", "LAYER_GROUPINGS", "layer_groups"]
 
 #: how state-dict keys form the layers that get one factor each
 LAYER_GROUPINGS = ("module", "key")
 
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def layer_groups(keys: list[str], layers: str = "module") -> dict[str, list[str]]:
