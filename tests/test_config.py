@@ -7,10 +7,11 @@ from dataclasses import fields
 import pytest
 
 from fedoap.cli import build_parser
-from fedoap.config import (METHOD_FLAGS, DataOptions, FederationOptions, MethodOptions, PrivacyOptions, RunConfig,
-                           TrainingOptions, cli_args, from_namespace, option_flag, run_config_from_namespace)
+from fedoap.config import (METHOD_FLAGS, DataOptions, FederationOptions, MethodOptions, PrivacyOptions,
+                           RobustnessOptions, RunConfig, TrainingOptions, cli_args, from_namespace, option_flag,
+                           run_config_from_namespace)
 
-GROUPS = (TrainingOptions, MethodOptions, PrivacyOptions, DataOptions, FederationOptions)
+GROUPS = (TrainingOptions, MethodOptions, PrivacyOptions, DataOptions, RobustnessOptions, FederationOptions)
 
 
 def test_every_option_has_one_flag_a_help_text_and_a_default_that_passes_its_checks():
@@ -28,9 +29,9 @@ def test_the_simulate_command_line_is_generated_from_the_options():
     parser = build_parser("simulate")
     known = {a for action in parser._subparsers._group_actions[0].choices["simulate"]._actions
              for a in action.option_strings}
-    for group in (TrainingOptions, MethodOptions, PrivacyOptions, FederationOptions):
+    for group in (TrainingOptions, MethodOptions, PrivacyOptions, RobustnessOptions, FederationOptions):
         for f in fields(group):
-            assert option_flag(f) in known, option_flag(f)
+            assert option_flag(f) is None or option_flag(f) in known, option_flag(f)
     assert set(METHOD_FLAGS) <= known
 
 
@@ -54,7 +55,7 @@ def test_one_json_document_round_trip(tmp_path):
                                     unseen_dir="/data/lung")
     path = config.save(tmp_path / "fedoap_run.json")
     document = json.loads(path.read_text())
-    assert list(document) == ["training", "method", "privacy", "data"]
+    assert list(document) == ["training", "method", "privacy", "data", "robustness"]
     assert document["method"] == {"name": "fedoap", "args": {"adapter": False}}
     assert RunConfig.load(path) == config and RunConfig.from_json(config.to_json()) == config
     assert RunConfig.load(path).method.instance is not config.method.instance  # each side builds its own method
@@ -173,3 +174,90 @@ def test_the_initial_network_is_the_same_on_every_side():
     a, b = RunConfig.from_options(width=4, seed=5), RunConfig.from_options(width=4, seed=5)
     for (ka, va), (kb, vb) in zip(a.build_model().state_dict().items(), b.build_model().state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
+
+
+# -- robustness --------------------------------------------------------------------------------------------------------
+def test_robustness_options_round_trip_as_json_and_an_older_document_loads_with_defaults(tmp_path):
+    config = RunConfig.from_options(method="fedavg", robust_rule="trimmed_mean", trim_fraction=0.25,
+                                    update_norm_bound=5.0, max_site_weight=5e4, weight_median_multiple=20.0,
+                                    max_site_steps=500, max_statistics_values=1000, round_timeout=60.0,
+                                    min_responses=2, resume_from="/runs/earlier")
+    path = config.save(tmp_path / "fedoap_run.json")
+    assert RunConfig.load(path) == config and RunConfig.load(path).robustness.resume_from == "/runs/earlier"
+    document = json.loads(path.read_text())
+    del document["robustness"]  # written before the section existed
+    assert RunConfig.from_dict(document).robustness == RobustnessOptions()
+    assert config.robustness.rule_options() == {"robust_rule": "trimmed_mean", "robust_args": {"trim_fraction": 0.25},
+                                                "update_norm_bound": 5.0}
+    assert RobustnessOptions(robust_rule="median").rule_options()["robust_args"] == {}
+    # the run's record names how it ran, not where it resumed from
+    assert config.options()["robust_rule"] == "trimmed_mean" and "resume_from" not in config.options()
+
+
+def test_robustness_options_come_from_the_command_line():
+    import argparse
+
+    from fedoap.config import add_options
+
+    parser = argparse.ArgumentParser()
+    add_options(parser, RobustnessOptions)
+    flags = {a for action in parser._actions for a in action.option_strings}
+    assert {"--robust-rule", "--trim-fraction", "--update-norm-bound", "--max-site-weight",
+            "--weight-median-multiple", "--max-site-steps", "--max-statistics-values", "--round-timeout",
+            "--min-responses"} <= flags and "--resume-from" not in flags  # resume_from is set by a program
+    args = parser.parse_args(["--robust-rule", "median", "--update-norm-bound", "2.5", "--min-responses", "2"])
+    config = run_config_from_namespace(args, require_device=False)
+    assert config.robustness == RobustnessOptions(robust_rule="median", update_norm_bound=2.5, min_responses=2)
+    assert cli_args(robust_rule="median", update_norm_bound=2.5) == ["--robust-rule", "median",
+                                                                       "--update-norm-bound", "2.5"]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"robust_rule": "krum"}, r"^--robust-rule must be one of \['', 'median', 'trimmed_mean'\], got 'krum'$"),
+    ({"trim_fraction": 0.5}, r"^--trim-fraction must be in \[0, 0.5\), got 0.5$"),
+    ({"weight_median_multiple": 0.5}, "^--weight-median-multiple must be >= 1"),
+    ({"weight_median_multiple": float("inf")}, "^--weight-median-multiple must be a finite number > 0"),
+    ({"max_site_weight": 0}, "^--max-site-weight must be a finite number > 0"),
+    ({"max_site_steps": 0}, "^--max-site-steps must be >= 1"),
+    ({"max_statistics_values": 0}, "^--max-statistics-values must be >= 1"),
+    ({"update_norm_bound": -1}, "^--update-norm-bound must be a finite number >= 0"),
+    ({"round_timeout": float("nan")}, "^--round-timeout must be a finite number >= 0"),
+    ({"min_responses": -1}, "^--min-responses must be >= 0"),
+    ({"resume_from": "runs/relative"}, "^resume_from must be an earlier job's id or an absolute folder, got "),
+    ({"resume_from": "job id with spaces"}, "^resume_from must be an earlier job's id"),
+    ({"max_site_steps": 2.5}, "^--max-site-steps must be an integer"),
+])
+def test_bad_robustness_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        RobustnessOptions(**options)
+    assert RobustnessOptions(resume_from="a1b2-c3d4").resume_from == "a1b2-c3d4"  # an earlier job's id
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"method": "fedavg", "he": True, "robust_rule": "median"}, "^--robust-rule needs every update in clear on the "
+                                                                "server; --he hides it$"),
+    ({"method": "fedavg", "he": True, "update_norm_bound": 1.0}, "^--update-norm-bound needs every update in clear"),
+    ({"method": "fednova", "robust_rule": "trimmed_mean"}, "^--robust-rule replaces the plain weighted mean only; "
+                                                           "method 'fednova' combines updates by 'fednova'$"),
+    ({"method": "fedawa", "update_norm_bound": 1.0}, "^--update-norm-bound replaces the plain weighted mean only"),
+    ({"method": "fedlws", "robust_rule": "median"}, "method 'fedlws' combines updates by 'fedlws'"),
+    ({"method": "local", "robust_rule": "median"}, "method 'local' combines updates by 'none'"),
+])
+def test_robust_rules_are_refused_where_they_cannot_serve(options, message):
+    with pytest.raises(ValueError, match=message):
+        RunConfig.from_options(**options)
+
+
+def test_methods_with_the_weighted_mean_take_the_robust_rules():
+    for method in ("fedavg", "fedoap", "fedprox", "fedrdn", "fedgs"):
+        config = RunConfig.from_options(method=method, robust_rule="median", update_norm_bound=1.0)
+        assert config.robustness.robust_rule == "median"
+
+
+def test_a_site_vets_the_robustness_section_too():
+    from fedoap.config import check_document
+
+    with pytest.raises(ValueError, match="--trim-fraction must be in"):
+        check_document(json.dumps({"robustness": {"trim_fraction": 0.9}}))
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['nope'\] in robustness"):
+        check_document(json.dumps({"robustness": {"nope": 1}}))

@@ -57,6 +57,7 @@ __all__ = [
     "unpack",
     "encrypt_update",
     "add_encrypted",
+    "load_ciphertexts",
     "decrypt_average",
     "encrypt_per_layer",
     "to_params",
@@ -302,9 +303,16 @@ class PackedLayout:
         """Raises ValueError if ``text`` is not a layout written by :meth:`to_json`."""
         try:
             data = json.loads(text)
-            return cls(keys=list(data["keys"]), shapes=[tuple(s) for s in data["shapes"]])
-        except (ValueError, TypeError, KeyError) as err:
+            shapes = data["shapes"]
+            if not all(isinstance(s, list) and all(_is_count(d) for d in s) for s in shapes):
+                raise ValueError("every shape must be a list of whole numbers >= 0")
+            return cls(keys=list(data["keys"]), shapes=[tuple(s) for s in shapes])
+        except (ValueError, TypeError, KeyError, OverflowError) as err:
             raise ValueError(f"not a packed-layout JSON: {err}") from err
+
+def _is_count(value: Any) -> bool:
+    """A JSON whole number >= 0 (not a bool, not a float such as ``Infinity``)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 def _to_numpy(key: str, value: Any) -> np.ndarray:
     if hasattr(value, "detach"):  # torch.Tensor, without importing torch here
@@ -476,6 +484,39 @@ def add_encrypted(updates: Sequence[EncryptedUpdate], server_context: ContextLik
         count=sum(u.count for u in updates),
     )
 
+def load_ciphertexts(update: EncryptedUpdate, context: ContextLike) -> list[ts.CKKSVector]:
+    """Server side: every chunk of one update as a CKKS vector of ``context``, checked as far as a context without
+    the secret key can: each chunk parses, is no larger than a ciphertext of these parameters can be, and holds the
+    values the layout puts into it. What passes can be added to other such updates without an error (a random or
+    foreign ciphertext fails here, for its sender alone, not when the round's sum is formed).
+
+    Raises:
+        ValueError: the wrong number of chunks, an oversized chunk, one that does not parse under ``context``, or one
+            with another number of values (the message names the chunk).
+    """
+    ctx = _as_context(context)
+    slots = _slot_count(ctx)
+    total = update.n_values + 1  # the values and the check value
+    if len(update.ciphertexts) != -(-total // slots):
+        raise ValueError(f"{len(update.ciphertexts)} ciphertext chunks for {total} values, expected "
+                         f"{-(-total // slots)} at {slots} slots each")
+    parms = ctx.data.seal_context().key_context_data()
+    # two polynomials of N coefficients, 8 bytes for each prime (at most one per 20 bits), and room for the headers
+    limit = 2 * parms.parms().poly_modulus_degree() * 8 * max(1, parms.total_coeff_modulus_bit_count() // 20) + 65536
+    vectors = []
+    for c, blob in enumerate(update.ciphertexts):
+        if len(blob) > limit:
+            raise ValueError(f"chunk {c} has {len(blob)} bytes, more than a ciphertext of this context ({limit})")
+        try:
+            vector = ts.ckks_vector_from(ctx, blob)
+            size = vector.size()
+        except Exception as err:  # noqa: BLE001 - TenSEAL raises ValueError/RuntimeError/TypeError from C++
+            raise ValueError(f"chunk {c} is not a ciphertext of this context: {err}") from None
+        if size != min(slots, total - c * slots):
+            raise ValueError(f"chunk {c} holds {size} values, expected {min(slots, total - c * slots)}")
+        vectors.append(vector)
+    return vectors
+
 def decrypt_average(aggregate: EncryptedUpdate, client_context: ContextLike) -> dict[str, np.ndarray]:
     """Client side: decrypt the sum, divide by the summed weight, unpack into float32 tensors.
 
@@ -580,9 +621,14 @@ def from_params(params: Mapping[str, Any]) -> EncryptedUpdate:
     try:
         header = json.loads(_uint8_bytes(_HEADER_KEY, params[_HEADER_KEY]).decode("utf-8"))
         fmt, layout_data = header["format"], header["layout"]
-        n_values, count, n_chunks = int(header["n_values"]), int(header["count"]), int(header["n_chunks"])
+        n_values, count, n_chunks = header["n_values"], header["count"], header["n_chunks"]
     except (UnicodeDecodeError, ValueError, TypeError, KeyError) as err:
         raise ValueError(f"malformed encrypted-update header: {err}") from err
+    # whole numbers in the JSON itself: int(Infinity) would raise OverflowError, and a huge n_chunks would be
+    # enumerated below
+    if not (_is_count(n_values) and _is_count(count) and _is_count(n_chunks)):
+        raise ValueError(f"malformed encrypted-update header: n_values, count and n_chunks must be whole numbers "
+                         f">= 0, got {n_values!r}, {count!r}, {n_chunks!r}")
     if fmt != _FORMAT:
         raise ValueError(f"encrypted update has format {fmt!r}, expected {_FORMAT!r}")
     layout = PackedLayout.from_json(json.dumps(layout_data))
@@ -601,11 +647,12 @@ def from_params(params: Mapping[str, Any]) -> EncryptedUpdate:
         if int(index) in chunks:
             raise ValueError(f"ciphertext chunk {int(index)} appears twice (key {key!r})")
         chunks[int(index)] = _uint8_bytes(key, value)
-    if sorted(chunks) != list(range(n_chunks)):
-        missing = sorted(set(range(n_chunks)) - set(chunks))[:3]
+    # the count first: the header's n_chunks is never enumerated beyond the chunks that are there
+    if len(chunks) != n_chunks or any(i not in chunks for i in range(n_chunks)):
+        missing = [i for i in range(min(n_chunks, len(chunks) + 3)) if i not in chunks][:3]
         raise ValueError(
             f"expected ciphertext chunks 0..{n_chunks - 1}, got {len(chunks)} (missing e.g. {missing}, "
-            f"extra e.g. {sorted(set(chunks) - set(range(n_chunks)))[:3]})"
+            f"extra e.g. {sorted(i for i in chunks if i >= n_chunks)[:3]})"
         )
     return EncryptedUpdate(
         ciphertexts=[chunks[i] for i in range(n_chunks)],

@@ -72,12 +72,26 @@ class SitePrivacy:
     Args:
         he_context: the site's TenSEAL client context (secret key), or None for no encryption.
         update_dp: clip-and-noise settings for the shared update, or None for no client-level DP.
+        expected: the site's own shared parameters (its trainer's ``shared_params()``), whose keys and shapes every
+            broadcast must match (:meth:`expect` sets them later); None: the broadcast's keys and shapes are not
+            compared, its types and values are still checked.
     """
 
-    def __init__(self, he_context: Any = None, update_dp: Optional[UpdateDPConfig] = None) -> None:
+    def __init__(self, he_context: Any = None, update_dp: Optional[UpdateDPConfig] = None,
+                 expected: Optional[Mapping[str, Any]] = None) -> None:
         self.he_context = he_context
         self.update_dp = update_dp
         self.accountant = UpdateDPAccountant(update_dp.noise_multiplier) if update_dp else None
+        self.expected: Optional[dict[str, tuple[int, ...]]] = None
+        if expected is not None:
+            self.expect(expected)
+
+    def expect(self, shared: Mapping[str, Any]) -> None:
+        """Compare every later broadcast with the keys and shapes of ``shared`` (the site's trainer's
+        ``shared_params()``)."""
+        from fedoap.site.broadcast_check import expected_shapes
+
+        self.expected = expected_shapes(shared)
 
     @property
     def private(self) -> bool:
@@ -103,18 +117,27 @@ class SitePrivacy:
 
     def incoming(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """The global shared parameters in clear: decrypts the server's encrypted sum, passes plaintext through
-        (round 0 broadcasts the public initialization in clear).
+        (round 0 broadcasts the public initialization in clear), and refuses what the site must not train on
+        (``fedoap.site.broadcast_check``).
 
         Raises:
-            ValueError: encrypted parameters arrived but this site has no HE context.
+            ValueError: encrypted parameters arrived but this site has no HE context, they do not decrypt, or the
+                parameters in clear hold other keys than the site's shared ones, another shape, a non-numeric dtype
+                or NaN/Inf (named).
         """
         from fedoap.privacy.he import decrypt_average, from_params, is_encrypted
+        from fedoap.site.broadcast_check import check_broadcast
 
+        if not isinstance(params, Mapping):
+            raise ValueError(f"the broadcast must be a dict of tensors, got a {type(params).__name__}")
         if not is_encrypted(params):
-            return dict(params)
-        if self.he_context is None:
+            clear = dict(params)
+        elif self.he_context is None:
             raise ValueError("the server sent encrypted parameters but homomorphic encryption is off on this site")
-        return decrypt_average(from_params(params), self.he_context)
+        else:
+            clear = decrypt_average(from_params(params), self.he_context)
+        check_broadcast(clear, self.expected)
+        return clear
 
     def outgoing(
         self, shared: Mapping[str, torch.Tensor], global_shared: Mapping[str, Any], weight: float

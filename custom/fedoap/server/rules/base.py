@@ -51,6 +51,8 @@ class ServerRule(ABC):
         reference: what the rule needs of the round's broadcast, one of :data:`REFERENCES`.
         shares: False for the rule of a method that shares nothing (its reference is empty, it accepts nothing).
         encrypted: :meth:`result` is ciphertext, which the server keeps as ciphertext only.
+        uses_steps: :meth:`add` computes with the step count (FedNova), so the workflow must bound the claimed steps
+            before the rule sees them.
 
     Args:
         reference: the global shared parameters the job starts from (by state-dict key).
@@ -65,6 +67,7 @@ class ServerRule(ABC):
     reference: ClassVar[str] = "initial"
     shares: ClassVar[bool] = True
     encrypted: ClassVar[bool] = False
+    uses_steps: ClassVar[bool] = False
 
     def __init__(self, reference: Mapping[str, object]) -> None:
         if self.shares and not reference:

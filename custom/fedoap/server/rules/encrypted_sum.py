@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Optional
 
-from fedoap.privacy.he import HE_KEY_PREFIX, EncryptedUpdate, add_encrypted, from_params, pack, to_params
+from fedoap.privacy.he import HE_KEY_PREFIX, EncryptedUpdate, from_params, load_ciphertexts, pack, to_params
 from fedoap.server.rules.base import ServerRule, UpdateRejected
 
 __all__ = ["EncryptedSum"]
@@ -21,6 +21,10 @@ __all__ = ["EncryptedSum"]
 
 class EncryptedSum(ServerRule):
     """Ciphertext sum of one round.
+
+    Every update is added to the round's sum as it arrives, so an update whose ciphertexts do not parse or do not
+    add up (random bytes, another context's parameters, another scale) is rejected for its sender in :meth:`add`,
+    and :meth:`result` only serializes.
 
     Args:
         reference: the global shared parameters the job starts from, in clear (fixes the expected keys and shapes;
@@ -37,21 +41,23 @@ class EncryptedSum(ServerRule):
 
     def __init__(self, reference: Mapping[str, Any], server_context: Any) -> None:
         _, layout = pack(reference)
+        self._layout = layout
         self._expected = list(zip(layout.keys, layout.shapes))
         self._context = server_context
         super().__init__(reference)
 
     def reset(self, reference: Mapping[str, Any]) -> None:
         super().reset(reference)
-        self._updates: list[EncryptedUpdate] = []
+        self._sums: list[Any] = []  # one CKKS vector per chunk: the sum of the accepted updates
+        self._weights: list[float] = []
 
     def add(self, site: str, params: Mapping[str, Any], weight: float, steps: Optional[float] = None) -> list[str]:
         """Add one site's encrypted update (``steps`` is not used); returns the plaintext keys it dropped (they are
         never aggregated).
 
         Raises:
-            UpdateRejected: plaintext instead of ciphertext, a malformed payload, another layout, or a clear weight
-                that differs from the one inside the payload.
+            UpdateRejected: plaintext instead of ciphertext, a malformed payload, another layout, a clear weight
+                that differs from the one inside the payload, or ciphertexts that do not add to the round's sum.
         """
         dropped = sorted(k for k in params if not k.startswith(HE_KEY_PREFIX))
         encrypted = {k: v for k, v in params.items() if k.startswith(HE_KEY_PREFIX)}
@@ -60,12 +66,21 @@ class EncryptedSum(ServerRule):
         try:
             update = from_params(encrypted)
         except ValueError as err:
-            raise UpdateRejected(f"{site}: malformed encrypted update: {err}") from err
+            raise UpdateRejected(f"{site}: malformed encrypted update: {err}") from None
         if list(zip(update.layout.keys, update.layout.shapes)) != self._expected:
             raise UpdateRejected(f"{site}: encrypted update does not hold exactly the shared parameters and shapes")
         if not (isinstance(weight, (int, float)) and math.isfinite(weight) and math.isclose(update.weight, weight)):
             raise UpdateRejected(f"{site}: encrypted weight {update.weight} differs from the sample count {weight!r}")
-        self._updates.append(update)
+        if update.count != 1:
+            raise UpdateRejected(f"{site}: an update claims to sum {update.count} updates, a site sends one")
+        try:
+            vectors = load_ciphertexts(update, self._context)
+            # a new sum (not in place): an update that fails half-way leaves the round's sum as it was
+            sums = [a + v for a, v in zip(self._sums, vectors)] if self._sums else vectors
+        except Exception as err:  # noqa: BLE001 - TenSEAL raises ValueError/RuntimeError from C++
+            raise UpdateRejected(f"{site}: its ciphertexts do not add to the round's sum: {err}") from None
+        self._sums = sums
+        self._weights.append(update.weight)
         self.contributors.append(site)
         return dropped
 
@@ -75,6 +90,8 @@ class EncryptedSum(ServerRule):
         Raises:
             ValueError: when no update was accepted.
         """
-        if not self._updates:
+        if not self._sums:
             raise ValueError("no client update was accepted in this round")
-        return to_params(add_encrypted(self._updates, self._context))
+        return to_params(EncryptedUpdate(ciphertexts=[v.serialize() for v in self._sums], layout=self._layout,
+                                         weight=math.fsum(self._weights), n_values=self._layout.n_values,
+                                         count=len(self._weights)))

@@ -41,6 +41,7 @@ class FedNovaRule(WeightedMean):
     name = "fednova"
     linear = False
     reference = "broadcast"
+    uses_steps = True
 
     def reset(self, reference: Mapping[str, object]) -> None:
         super().reset(reference)
