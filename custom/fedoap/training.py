@@ -2,7 +2,8 @@
 
 The trainer owns the site's model (shared and local parts), its optimizer and its data. The federation only moves
 the shared parameters in and out (``load_shared`` / ``shared_params``); everything else stays in this object, which
-lives for the whole job when the client script runs in-process.
+lives for the whole job when the client script runs in-process, and which ``state`` / ``load_state`` hand over to a
+resumed job (``fedoap.site.checkpoint``).
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import copy
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
+from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
@@ -152,6 +154,53 @@ class LocalTrainer:
         state.update(update)
         self.model.load_state_dict(state)
         self.method.begin_round(self.model, update)
+
+    # -- what a resumed job continues from ---------------------------------------------------------------------------
+    def _plain_model(self) -> nn.Module:
+        """The site's network itself: Opacus's hooks are attached in place (``wrap_model=False``), but a
+        ``GradSampleModule`` wrapper, were there one, would prefix every state-dict key with ``_module.``."""
+        return self.model._module if isinstance(self.model, GradSampleModule) else self.model
+
+    def state(self) -> dict[str, Any]:
+        """Everything this trainer carries from one round to the next, for a resumed job to continue from: the full
+        model (shared and local parameters, buffers), the optimizer's state (Opacus's DP optimizer holds none of its
+        own: its ``state_dict`` is its inner optimizer's), the seeded generator of the data order and augmentation,
+        DP-SGD's accountant history (its steps so far: a resumed job must not report epsilon from zero) and the
+        method's own per-site state (:meth:`~fedoap.methods.base.FederatedMethod.site_state`). Tensors are live
+        references: serialize before training on (``fedoap.site.checkpoint`` copies them)."""
+        return {
+            "model": dict(self._plain_model().state_dict()),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "dp_sgd": self.dp.state_dict() if self.dp is not None else None,
+            "method": self.method.site_state(self._plain_model()),
+        }
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Continue from a :meth:`state` of a trainer of the same configuration. The method's ``begin_round`` then
+        runs with the next ``load_shared`` as in an uninterrupted job.
+
+        Raises:
+            ValueError: a state of another network or optimizer, or one trained without DP-SGD loaded into a trainer
+                with DP-SGD (its accountant would count only the rounds after the resume, under-reporting epsilon).
+        """
+        missing = {"model", "optimizer", "generator", "dp_sgd", "method"} - set(state)
+        if missing:
+            raise ValueError(f"the trainer state lacks {sorted(missing)}")
+        if self.dp is not None and state["dp_sgd"] is None:
+            raise ValueError("the saved state was trained without DP-SGD, this trainer has DP-SGD: its accountant "
+                             "would not count the earlier rounds' training, so it cannot continue from it")
+        model = self._plain_model()
+        try:
+            model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.generator.set_state(state["generator"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+            detail = " ".join(str(err).split())
+            raise ValueError(f"the saved trainer state does not fit this trainer: {detail[:300]}") from None
+        if self.dp is not None:
+            self.dp.load_state_dict(state["dp_sgd"])
+        self.method.load_site_state(model, state["method"])
 
     # -- training ----------------------------------------------------------------------------------------------------
     def _index_batches(self, optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:

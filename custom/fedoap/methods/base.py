@@ -135,6 +135,22 @@ class FederatedMethod(ABC):
         """Called after the local training of every round, before the site's payload is formed (MOON keeps the
         round's local model as the next round's "previous" model). By default nothing."""
 
+    def site_state(self, model: nn.Module) -> dict[str, Any]:
+        """What this method keeps on the site from one round to the next outside the model and the optimizer, and that
+        :meth:`begin_round` does not rebuild from the received parameters, for a resumed job to continue from
+        (``fedoap.site.checkpoint``): tensors and JSON values (dicts, lists, str, numbers, bool, None). By default
+        nothing. Ditto: whether the personal model was started; MOON: the previous round's model; FedRoD: its pixel
+        counts; FedRDN: its generator and the statistics received; FedDP: the query weights received."""
+        return {}
+
+    def load_site_state(self, model: nn.Module, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`site_state` returned, into the method of a trainer whose ``model`` already holds the
+        saved parameters. By default nothing.
+
+        Raises:
+            ValueError: a state this method cannot use.
+        """
+
     def site_statistics(self, train: Any) -> Optional[dict[str, list[float]]]:
         """Summary statistics of the site's training split that the method shares, in clear, with every other site
         through the server (FedRDN: the intensity mean and standard deviation), or None for none (the default).

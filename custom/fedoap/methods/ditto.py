@@ -99,6 +99,17 @@ class Ditto(FedAvg):
                     for key, value in anchor.items():
                         personal[key].copy_(value)
 
+    def site_state(self, model: nn.Module) -> dict[str, Any]:
+        """Whether the personal model was started (the anchor is taken again from every round's global model)."""
+        return {"started": self._started}
+
+    def load_site_state(self, model: nn.Module, state: Mapping[str, Any]) -> None:
+        """A resumed site keeps its trained personal model: it is not copied from the next global model again."""
+        started = state.get("started")
+        if not isinstance(started, bool):
+            raise ValueError(f"Ditto's site state needs a boolean 'started', got {started!r}")
+        self._started = started
+
     def proximal_term(self, model: nn.Module) -> Optional[Tensor]:
         """``lam/2 * ||v - w_g||^2`` over the personal parameters with a snapshot; None before the first round."""
         if not self._anchor:

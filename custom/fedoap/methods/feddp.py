@@ -129,6 +129,25 @@ class FedDP(FedPer):
         self._site_queries = dict(sorted(queries.items()))
         self._reference = None
 
+    def site_state(self, model: nn.Module) -> dict[str, Any]:
+        """Every site's query weights last received and this site's own after its last round (the server forwards
+        the former with every task; kept too, so that a resumed site's fine-tuning does not depend on it)."""
+        return {"site_queries": self._site_queries, "own_query": self._own_query}
+
+    def load_site_state(self, model: nn.Module, state: Mapping[str, Any]) -> None:
+        queries, own = state.get("site_queries"), state.get("own_query")
+
+        def tensors(value: Any) -> bool:
+            return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, Tensor)
+                                                   for k, v in value.items())
+
+        if not isinstance(queries, dict) or not all(isinstance(s, str) and tensors(q) for s, q in queries.items()) \
+                or not (own is None or tensors(own)):
+            raise ValueError("FedDP's site state needs the received query weights by site and its own (or None)")
+        self._site_queries = dict(sorted(queries.items()))
+        self._own_query = own
+        self._reference = None
+
     @property
     def dp_sgd_conflict(self) -> Optional[str]:
         # The shared "statistics" are model weights trained under DP-SGD (post-processing, covered by its accountant),

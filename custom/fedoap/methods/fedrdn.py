@@ -123,6 +123,23 @@ class FedRDN(FedAvg):
         if means:
             self._means, self._stds = torch.stack(means), torch.stack(stds)
 
+    def site_state(self, model: nn.Module) -> dict[str, Any]:
+        """The draws' generator and the last statistics received (the server forwards them with every task; kept
+        too, so that a resumed site draws from the same pool if its first task carries none)."""
+        return {"generator": self.generator.get_state(), "means": self._means, "stds": self._stds}
+
+    def load_site_state(self, model: nn.Module, state: Mapping[str, Any]) -> None:
+        means, stds = state.get("means"), state.get("stds")
+        if (means is None) != (stds is None) or not all(
+                v is None or (isinstance(v, Tensor) and v.dim() == 2) for v in (means, stds)):
+            raise ValueError("FedRDN's site state needs the received means and stds as (sites, channels) tensors, "
+                             "or neither")
+        try:
+            self.generator.set_state(state["generator"])
+        except (KeyError, TypeError, RuntimeError) as err:
+            raise ValueError(f"FedRDN's saved generator state is unusable: {err}") from None
+        self._means, self._stds = means, stds
+
     def draw_statistics(self, model: nn.Module, batch_size: int) -> tuple[Tensor, Tensor]:
         """The statistics one training batch is normalized with: ``(C,)`` each, or ``(B, C)`` with ``per_image``.
         Drawn from the received pool; the model's own before any was received."""

@@ -36,9 +36,8 @@ DP-SGD is refused (``dp_sgd_conflict``): the trainer's per-sample DP loss covers
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
-import torch
 from torch import Tensor, nn
 
 from fedoap.methods.fedavg import FedAvg
@@ -97,6 +96,18 @@ class FedRoD(FedAvg):
         self.pixel_counts[0] += foreground
         self.pixel_counts[1] += labels.numel() - foreground
         return loss_fn(balanced_logits(generic, *self.pixel_counts), labels)
+
+    def site_state(self, model: nn.Module) -> dict[str, Any]:
+        """The pixel counts of the training batches seen so far (the balanced generic loss's class prior)."""
+        return {"pixel_counts": [float(c) for c in self.pixel_counts]}
+
+    def load_site_state(self, model: nn.Module, state: Mapping[str, Any]) -> None:
+        counts = state.get("pixel_counts")
+        if (not isinstance(counts, list) or len(counts) != 2
+                or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) and c >= 0
+                           for c in counts)):
+            raise ValueError(f"FedRoD's site state needs two pixel counts >= 0, got {counts!r}")
+        self.pixel_counts = [float(c) for c in counts]
 
     def step_loss(self, model: nn.Module, images: Tensor, labels: Tensor, loss_fn: nn.Module) -> Tensor:
         """``L_generic(g) + L_personal(g.detach() + p)``."""

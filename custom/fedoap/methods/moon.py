@@ -41,7 +41,7 @@ import contextlib
 import copy
 import math
 import numbers
-from typing import Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -163,6 +163,23 @@ class MOON(FedAvg):
     def end_round(self, model: nn.Module) -> None:
         """Keep a frozen copy of the site's model at the end of its round: the next round's previous model."""
         self._previous = _frozen_copy(model)
+
+    def site_state(self, model: nn.Module) -> dict[str, Any]:
+        """The previous round's model (the global one is taken again from every round's received parameters)."""
+        return {"previous": None if self._previous is None else dict(self._previous.state_dict())}
+
+    def load_site_state(self, model: nn.Module, state: Mapping[str, Any]) -> None:
+        """The previous round's model, frozen, from its saved parameters."""
+        previous = state.get("previous")
+        if previous is None:
+            self._previous = None
+            return
+        frozen = _frozen_copy(model)
+        try:
+            frozen.load_state_dict(previous)
+        except (RuntimeError, TypeError, AttributeError) as err:
+            raise ValueError(f"MOON's saved previous model does not fit: {' '.join(str(err).split())[:200]}") from None
+        self._previous = frozen
 
     def step_loss(self, model: nn.Module, images: Tensor, labels: Tensor, loss_fn: nn.Module) -> Tensor:
         """``loss_fn(model(x), y) + mu * l_con``; the segmentation loss alone before the site's first round ended (no

@@ -3,7 +3,8 @@
 Its one argument is ``--run-config PATH``, the job's run configuration (``app/config/fedoap_run.json``, which
 ``fedoap.site.executor.FedOAPExecutor`` checked and passes), read and checked once (``fedoap.config.RunConfig``).
 Run in-process (NVFlare's default), the script lives for the whole job, so the session (the site's data, local
-parameters, optimizer state and DP accountant) stays in memory across rounds; what each task does is the session's.
+parameters, optimizer state and DP accountant) stays in memory across rounds, and is saved after each round for a
+job resumed after a crash (the task's round names it); what each task does is the session's.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     while flare.is_running():
         task = flare.receive()
         task_name = flare.get_task_name()
-        reply = session.handle(task_name, task.params, task.meta)
+        reply = session.handle(task_name, task.params, task.meta, task.current_round)
         params_type = None if task_name == PERSONALIZE_TASK else ParamsType.FULL  # personalize: metrics only
         flare.send(FLModel(params=reply.params, params_type=params_type, metrics=reply.metrics, meta=reply.meta))
 

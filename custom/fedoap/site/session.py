@@ -12,6 +12,11 @@ optimizer state, DP accountant and data stay in memory across rounds) and answer
   write the site's detailed results into its workspace (owner-only, encrypted under its at-rest key), and reply with
   metrics only.
 
+After every train round the session saves the site's local state (``fedoap.site.checkpoint``: the trainer's model,
+optimizer, generators and DP accountants, the method's own state) into its results folder; the first task of a job
+resumed after a crash (``robustness.resume_from``) loads the newest state the interrupted run left before that task's
+round, so the site continues where it stopped (a site that has none starts fresh).
+
 Client-level DP of the shared update is the stricter of the job's options and the site's mandatory policy, which the
 site's privacy filter (``fedoap.site.policy``) announces in the meta of every task; it is fixed when the first task
 arrives (one accountant for the whole job), and every released update carries a stamp of what it went through.
@@ -20,7 +25,9 @@ arrives (one accountant for the whole job), and every released update carries a 
 from __future__ import annotations
 
 import copy
+import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -35,13 +42,18 @@ from fedoap.privacy.at_rest import find_site_key, make_private_dir
 from fedoap.privacy.dp import UpdateDPConfig
 from fedoap.protocol import (AGGREGATION_WEIGHT_KEY, DP_STAMP_KEY, NUM_SAMPLES_KEY, NUM_STEPS_KEY, PERSONALIZE_TASK,
                              SITE_STATISTICS_KEY)
+from fedoap.resume import previous_run_dir
+from fedoap.site.checkpoint import (global_rng_state, load_site_state, save_site_state, saved_rounds,
+                                    set_global_rng_state, state_path)
 from fedoap.site.outputs import write_site_outputs
 from fedoap.site.policy import budget_from_meta, policy_from_meta
 from fedoap.site.privacy import SitePrivacy, public_metrics, stricter
 from fedoap.site.site_config import find_site_config, load_site_config
 from fedoap.training import LocalTrainer, TrainConfig
 
-__all__ = ["SiteSession", "Reply", "SITE_RESULTS_DIR", "site_data_dirs"]
+__all__ = ["SiteSession", "Reply", "SITE_RESULTS_DIR", "site_data_dirs", "resume_from"]
+
+logger = logging.getLogger(__name__)
 
 #: folder (under the site's workspace, per job) with the files that never leave the site
 SITE_RESULTS_DIR = "fedoap"
@@ -87,6 +99,12 @@ def _load_data(config: RunConfig, site: str, workspace: Path) -> tuple[list[Site
     return sites, data, load_unseen(unseen_dir, image_size=size) if unseen_dir else None
 
 
+def resume_from(config: RunConfig) -> str:
+    """The earlier run a job resumes (``robustness.resume_from``: a job id or, in simulation, an absolute folder), or
+    "" for a fresh job."""
+    return config.robustness.resume_from
+
+
 def _overlay_indices(split: SliceSet, n: int) -> np.ndarray:
     """Test images with the largest lesions first, so the overlay figure shows tumors, not empty slices."""
     area = split.labels.reshape(len(split), -1).sum(1)
@@ -128,25 +146,126 @@ class SiteSession:
         self.trainer = LocalTrainer(model, self.method, self.data.train, self.data.val, self.train_config, dp=dp)
         self.privacy: Optional[SitePrivacy] = None  # built with the first task, which carries the site's DP policy
         self.out_dir = make_private_dir(self.workspace / job_id / SITE_RESULTS_DIR)
+        self._resume_pending = bool(resume_from(config))  # a resumed job loads its state at its first task
 
     @property
     def private(self) -> bool:
         """Whether what the site releases is differentially private (client-level DP or DP-SGD)."""
         return bool(self.privacy and self.privacy.private) or self.trainer.dp is not None
 
-    def handle(self, task_name: str, params: Optional[Mapping[str, Any]], meta: Optional[Mapping[str, Any]]) -> Reply:
-        """Answer one task: load what the server sent, then train a round or personalize."""
+    def handle(self, task_name: str, params: Optional[Mapping[str, Any]], meta: Optional[Mapping[str, Any]],
+               current_round: Optional[int] = None) -> Reply:
+        """Answer one task: load what the server sent, then train a round or personalize.
+
+        ``current_round`` (the task's round, ``FLModel.current_round``) names the state saved after a train round
+        and, at the first task of a resumed job, bounds the state it continues from (rounds before it); None: the
+        session neither saves nor resumes.
+
+        Raises:
+            ValueError: the state to resume from is unreadable, changed, or of another site or configuration (names
+                the file).
+            OSError: the round's state cannot be written (the round fails rather than leave no state to resume).
+        """
         meta = dict(meta or {})
         if self.privacy is None:
             self.privacy = self._site_privacy(policy_from_meta(meta))
+            self.privacy.expect(self.trainer.shared_params())  # a broadcast of other keys or shapes is refused
+        if self._resume_pending:  # before the server's parameters are loaded: they replace the saved shared ones
+            if current_round is None:
+                logger.warning("site %s: the first task of a resumed job has no round; starts fresh", self.site)
+            else:
+                self.resume(int(current_round))
+            self._resume_pending = False
         global_shared = self.privacy.incoming(params or {})
         self.trainer.load_shared(global_shared)
         statistics = meta.get(SITE_STATISTICS_KEY)
         if statistics:
             self.method.receive_statistics(self.trainer.model, statistics)
         if task_name == PERSONALIZE_TASK:
-            return Reply(metrics=public_metrics(self.personalize(), self.private))
-        return self.train_round(global_shared, meta)
+            reply = Reply(metrics=public_metrics(self.personalize(), self.private))
+            for saved in saved_rounds(self.out_dir):  # the job is over: nothing left to resume
+                state_path(self.out_dir, saved).unlink(missing_ok=True)
+            return reply
+        reply = self.train_round(global_shared, meta)
+        if current_round is not None:
+            save_site_state(self.out_dir, int(current_round), self.state(), key=self.at_rest_key)
+        return reply
+
+    # -- what a resumed job continues from -----------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """The site's local state between two rounds: the trainer's (:meth:`fedoap.training.LocalTrainer.state`), the
+        client-level DP accountant of the released updates (None without one) and the process's random streams."""
+        accountant = self.privacy.accountant if self.privacy is not None else None
+        return {"site": self.site, "trainer": self.trainer.state(),
+                "update_dp": accountant.state_dict() if accountant is not None else None, "rng": global_rng_state()}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Continue from a :meth:`state` (call after the first task built the site's privacy boundary).
+
+        Raises:
+            ValueError: a state of another site, or one that does not fit this session's trainer.
+        """
+        self._check_site(state)
+        self.trainer.load_state(state["trainer"])
+        accountant = self.privacy.accountant if self.privacy is not None else None
+        if accountant is not None and state.get("update_dp") is None:
+            logger.warning("site %s: the interrupted run released its updates without client-level DP; the epsilon "
+                           "reported from here on covers the resumed rounds only", self.site)
+        self.load_accounting(state)
+        set_global_rng_state(state["rng"])
+
+    def load_accounting(self, state: Mapping[str, Any]) -> None:
+        """Only the DP accountants of a :meth:`state` (DP-SGD's and the released updates'), where they exist on both
+        sides.
+
+        Raises:
+            ValueError: a state of another site, or an accountant state Opacus refuses.
+        """
+        self._check_site(state)
+        dp_sgd = state["trainer"]["dp_sgd"]
+        if self.trainer.dp is not None and dp_sgd is not None:
+            self.trainer.dp.load_state_dict(dp_sgd)
+        accountant = self.privacy.accountant if self.privacy is not None else None
+        if accountant is not None and state.get("update_dp") is not None:
+            accountant.load_state_dict(state["update_dp"])
+
+    def _check_site(self, state: Mapping[str, Any]) -> None:
+        if state.get("site") != self.site:
+            raise ValueError(f"it is the state of site {state.get('site')!r}, not of {self.site!r}")
+
+    def resume(self, task_round: int) -> Optional[int]:
+        """Continue, before round ``task_round``, from what the interrupted run of this site left
+        (``fedoap.resume.previous_run_dir`` / ``fedoap``): the newest state of a round before ``task_round``; its
+        round, or None when there is none (a site that dropped out early has none, and starts fresh).
+
+        The DP accountants come from the newest state of any round: a state of round ``task_round`` or later means the
+        site trained, and probably released, that round before the crash, which the server did not keep; its privacy
+        was spent all the same, so it is counted (at worst a round too many, never one too few).
+
+        Raises:
+            ValueError: a state file is unreadable, changed, or does not fit this session (names the file).
+        """
+        folder = previous_run_dir(resume_from(self.config), self.site, self.workspace) / SITE_RESULTS_DIR
+        found = load_site_state(folder, task_round - 1, key=self.at_rest_key) if task_round > 0 else None
+        newest = load_site_state(folder, sys.maxsize, key=self.at_rest_key)
+        if found is not None:
+            path = state_path(folder, found[0])
+            try:
+                self.load_state(found[1])
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}: cannot resume from it: {err}") from None
+            logger.info("site %s resumes from its state after round %d (%s)", self.site, found[0], path)
+        else:
+            logger.info("site %s: no state of a round before %d in %s; starts fresh", self.site, task_round, folder)
+        if newest is not None and (found is None or newest[0] > found[0]):
+            path = state_path(folder, newest[0])
+            try:
+                self.load_accounting(newest[1])
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}: cannot take its DP accounting: {err}") from None
+            logger.warning("site %s: its state after round %d (%s), which the server did not keep, counts in its DP "
+                           "accounting", self.site, newest[0], path)
+        return found[0] if found is not None else None
 
     # -- tasks ---------------------------------------------------------------------------------------------------------
     def train_round(self, global_shared: Mapping[str, Any], task_meta: Mapping[str, Any]) -> Reply:
