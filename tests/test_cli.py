@@ -69,6 +69,22 @@ def test_bad_options_fail_at_once_in_one_line(tmp_path, option, message):
     assert not (tmp_path / "out").exists()  # nothing was created
 
 
+@pytest.mark.parametrize("option, message", [
+    (["--min-responses", "-1"], "--min-responses must be >= 0, got -1"),
+    (["--min-responses", "3", "--clients", "brain,breast"], "--min-responses 3: the federation has only 2 site(s)"),
+    (["--round-timeout", "-5"], "--round-timeout must be a finite number >= 0, got -5.0"),
+    (["--resume", "--overwrite"], "--resume continues the run in --out; it cannot be combined with --overwrite"),
+    (["--robust-rule", "median", "--he"], "--robust-rule needs every update in clear on the server; --he hides it"),
+])
+def test_bad_fault_options_fail_before_anything_starts(tmp_path, option, message):
+    start = time.time()
+    run = _fedoap("simulate", *option, "--out", str(tmp_path / "out"))
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 2 and err == f"fedoap: error: {message}\n"
+    assert time.time() - start < 10  # importing torch (the method's check) is most of it
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_device_this_machine_lacks_fails_at_once(tmp_path):
     import torch
 

@@ -15,7 +15,7 @@ from fedoap.server.controller import SharedParamsFedAvg
 from fedoap.protocol import HISTORY_FILE
 
 SCRIPT = Path(__file__).parent / "scripts" / "scripted_client.py"
-SITES = ["good-1", "good-3", "nan", "shape"]
+SITES = ["good-1", "good-3", "nan", "shape", "liar", "garbage"]
 
 
 def test_controller_averages_shared_keys_drops_and_rejects(tmp_path):
@@ -33,14 +33,17 @@ def test_controller_averages_shared_keys_drops_and_rejects(tmp_path):
         assert sites["good-3"]["dropped_keys"] == ["bias"]
         assert "NaN or Inf" in sites["nan"]["rejected"]
         assert "has shape (4, 2), expected (2, 4)" in sites["shape"]["rejected"]
+        assert "rejected" in sites["liar"]  # its 1e308 samples: no claim makes a site the global model
+        assert "rejected" in sites["garbage"] and sites["garbage"].get("n_samples") != 7  # no field overwritten
         assert sites["good-1"]["bytes_uploaded"] == 2 * 4 * 4 + 4  # the float32 weight, and its one statistic
+        assert "statistics_ignored" in sites["good-1"]  # FedAvg uses no site statistics
+    assert history["status"] == "completed"
     assert set(history["personalized"]) == set(SITES)
-    assert history["personalized"]["nan"]["site_seen"] == "nan"
-    # every site's statistics (sent with its update, rejected or not) reach every site with the next task
-    assert history["personalized"]["good-1"]["statistics_seen"] == "good-1:6,good-3:6,nan:3,shape:5"
+    # statistics reach the other sites only for a method that uses them (FedRDN, FedDP): never for FedAvg
+    assert all(m["statistics_seen"] == 0 for m in history["personalized"].values())
 
     saved = torch.load(server / "app_server" / "FL_global_model.pt", weights_only=False)["model"]
-    # (1 * 1 + 3 * 3) / (1 + 3): only the two valid updates, weighted by their sample counts
+    # (1 * 1 + 3 * 3) / (1 + 3): only the two valid updates, weighted by their sample counts (not the liar's 1000)
     np.testing.assert_allclose(np.asarray(saved["weight"]), np.full((2, 4), 2.5), rtol=1e-6)
     # the non-shared key 'bias' that good-3 sent (99.0) never reached the global model
     assert np.abs(np.asarray(saved["bias"])).max() < 1.0
@@ -84,6 +87,7 @@ def test_controller_fednova_normalizes_by_the_reported_steps(tmp_path):
         assert record["accepted"] == 2
         assert record["sites"]["good-3"]["steps"] == 3 and record["sites"]["good-3"]["n_samples"] == 3
         assert "NaN or Inf" in record["sites"]["nan"]["rejected"]
+        assert "rejected" in record["sites"]["liar"]  # its 1e-12 steps would have scaled its update by 1e12
     # good-1: n = 1, tau = 1, x_1 = 1; good-3: n = 3, tau = 3, x_3 = 3; p = (1/4, 3/4), tau_eff = 1/4 + 9/4 = 2.5.
     # round 1 from x = 0: d = (-1, -1), x = 0 + 2.5 * 1 = 2.5 (as FedAvg: equal d).
     # round 2 from x = 2.5: d = (1.5, -1/6), sum p d = 0.375 - 0.125 = 0.25, x = 2.5 - 2.5 * 0.25 = 1.875
@@ -122,14 +126,14 @@ def test_constructor_arguments_are_stored_verbatim_for_the_job_export():
 
     args = {"num_rounds": 3, "min_clients": 2, "shared_keys": ["w"], "method": "fedawa",
             "method_args": {"server_lr": 0.01}, "personalize": False, "he": False, "persistor_id": "p",
-            "task_timeout": 5}
+            "task_timeout": 5, "personalize_timeout": 7, "robustness": {"min_responses": 1, "max_site_weight": 1e5}}
     controller = SharedParamsFedAvg(**args)
     assert set(inspect.signature(SharedParamsFedAvg.__init__).parameters) - {"self"} == set(args)
     assert all(getattr(controller, name) == value for name, value in args.items())
 
 
 class _Result:
-    """What ``send_model_and_wait`` returns, as far as ``_aggregate_round`` reads it."""
+    """What ``send_model_and_wait`` returns, as far as the controller's intake reads it."""
 
     def __init__(self, site, value, meta):
         self.params = {"w": np.full(2, value, np.float32)}
@@ -141,19 +145,20 @@ def test_the_reported_aggregation_weight_beats_the_sample_count_and_fednova_gets
     from fedoap.server.rules import FedNovaRule, WeightedMean
 
     controller = SharedParamsFedAvg(num_rounds=1, min_clients=2, shared_keys=["w"], method="fedavg")
-    results = [_Result("a", 1.0, {"n_samples": 100, "aggregation_weight": 1, "NUM_STEPS_CURRENT_ROUND": 4}),
-               _Result("b", 4.0, {"n_samples": 100, "NUM_STEPS_CURRENT_ROUND": 2})]  # no weight: n_samples
-    agg = WeightedMean({"w": np.zeros(2)})
-    record = controller._aggregate_round(0, agg, results)
-    np.testing.assert_allclose(agg.result()["w"], (1 * 1.0 + 100 * 4.0) / 101)
-    assert record["sites"]["a"]["n_samples"] == 100 and record["sites"]["a"]["aggregation_weight"] == 1
+    results = [_Result("a", 1.0, {"n_samples": 100, "aggregation_weight": 2, "NUM_STEPS_CURRENT_ROUND": 4}),
+               _Result("b", 4.0, {"n_samples": 10, "NUM_STEPS_CURRENT_ROUND": 2})]  # no weight: n_samples
+    zeros = {"w": np.zeros(2)}
+    outcome = controller._intake.collect(0, WeightedMean(zeros), zeros, results)
+    np.testing.assert_allclose(outcome.aggregate["w"], (2 * 1.0 + 10 * 4.0) / 12)
+    record = outcome.record
+    assert record["sites"]["a"]["n_samples"] == 100 and record["sites"]["a"]["aggregation_weight"] == 2
     assert record["sites"]["a"]["steps"] == 4
 
     nova = SharedParamsFedAvg(num_rounds=1, min_clients=2, shared_keys=["w"], method="fednova")
-    agg = FedNovaRule({"w": np.zeros(2)})
-    nova._aggregate_round(0, agg, [_Result("a", -4.0, {"n_samples": 1, "NUM_STEPS_CURRENT_ROUND": 2}),
-                                   _Result("b", -1.0, {"n_samples": 1, "NUM_STEPS_CURRENT_ROUND": 1})])
-    np.testing.assert_allclose(agg.result()["w"], -2.25)  # tau_eff 1.5 * mean(d = 2, 1); FedAvg: -2.5
-    record = nova._aggregate_round(0, FedNovaRule({"w": np.zeros(2)}),
-                                   [_Result("a", 1.0, {"n_samples": 1})])  # no step count
-    assert "number of local steps" in record["sites"]["a"]["rejected"]
+    outcome = nova._intake.collect(0, FedNovaRule(zeros), zeros,
+                                   [_Result("a", -4.0, {"n_samples": 1, "NUM_STEPS_CURRENT_ROUND": 2}),
+                                    _Result("b", -1.0, {"n_samples": 1, "NUM_STEPS_CURRENT_ROUND": 1})])
+    np.testing.assert_allclose(outcome.aggregate["w"], -2.25)  # tau_eff 1.5 * mean(d = 2, 1); FedAvg: -2.5
+    outcome = nova._intake.collect(0, FedNovaRule(zeros), zeros, [_Result("a", 1.0, {"n_samples": 1})])  # no steps
+    assert "number of local steps" in outcome.record["sites"]["a"]["rejected"]
+    assert outcome.aggregate is None

@@ -143,8 +143,9 @@ class Poc:
         self.record()
         return {pid for pid in self.pids if _session_of(pid) == self.sid}
 
-    def stop(self) -> dict:
-        """`nvflare poc stop`, then end by PID whatever of the recorded processes is still there (once)."""
+    def stop(self, grace: float = 60) -> dict:
+        """`nvflare poc stop`, then end by PID whatever of the recorded processes is still there after ``grace``
+        seconds (once)."""
         if self.sid is None or self.stop_info is not None:
             return self.stop_info or {"after_poc_stop": set(), "seconds": 0.0}
         tick = time.time()
@@ -152,7 +153,7 @@ class Poc:
             self.nvflare("poc", "stop", timeout=180)
         except subprocess.TimeoutExpired:
             pass
-        deadline = time.time() + 60
+        deadline = time.time() + grace
         while self.alive() and time.time() < deadline:
             time.sleep(1)
         left = self.alive()

@@ -22,6 +22,7 @@ status 2, before anything starts; Ctrl-C is "interrupted" and exit status 130.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -29,8 +30,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from fedoap.config import (FederationOptions, PrivacyOptions, TrainingOptions, add_method_flags, add_options,
-                           from_namespace, run_config_from_namespace)
+from fedoap.config import (FederationOptions, PrivacyOptions, RobustnessOptions, TrainingOptions, add_method_flags,
+                           add_options, from_namespace, run_config_from_namespace)
 
 __all__ = ["main", "build_parser"]
 
@@ -59,10 +60,13 @@ def _seeds(text: str) -> tuple[int, ...]:
 def _simulate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/simulate", help="the run's folder (default runs/simulate)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (same options) from "
+                   "its last completed round")
     add_options(p, FederationOptions)
     add_options(p, TrainingOptions)
     add_method_flags(p)
     add_options(p, PrivacyOptions)
+    add_options(p, RobustnessOptions)
 
 
 def _export_jobs_options(p: argparse.ArgumentParser) -> None:
@@ -75,6 +79,10 @@ def _export_jobs_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-clients", type=int, default=MIN_CLIENTS,
                    help=f"sites per round (default {MIN_CLIENTS}, the POC's)")
     add_options(p, TrainingOptions, defaults=vars(JOB_TRAINING))
+    add_options(p, RobustnessOptions)
+    p.add_argument("--resume-from", default="", metavar="JOB_ID",
+                   help="continue the interrupted job JOB_ID from its last completed round (every participant reads "
+                        "that job's state from its own workspace)")
 
 
 def _benchmark_options(p: argparse.ArgumentParser) -> None:
@@ -235,12 +243,14 @@ def _he_keys(args: argparse.Namespace) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> None:
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out; it cannot be combined with --overwrite")
     federation = from_namespace(FederationOptions, args)
     out = _writable(args.out)
     run = run_config_from_namespace(args)
     from fedoap.simulation import run_simulation  # NVFlare, MONAI, torch: after every option was checked
 
-    run_simulation(run, federation, out, overwrite=args.overwrite)
+    run_simulation(run, federation, out, overwrite=args.overwrite, resume=args.resume)
 
 
 def _export_jobs(args: argparse.Namespace) -> None:
@@ -249,7 +259,9 @@ def _export_jobs(args: argparse.Namespace) -> None:
     if args.min_clients < 1:
         raise ValueError(f"--min-clients must be >= 1, got {args.min_clients}")
     training = from_namespace(TrainingOptions, args)
-    for path in export_jobs(_writable(args.out), args.jobs, training, args.min_clients, byoc=args.byoc):
+    robustness = dataclasses.replace(from_namespace(RobustnessOptions, args), resume_from=args.resume_from)
+    for path in export_jobs(_writable(args.out), args.jobs, training, args.min_clients, byoc=args.byoc,
+                            robustness=robustness):
         print(path)
 
 

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -204,8 +205,59 @@ def _read_overlays(ws: Path, site: str, pooled: bool = False) -> dict[str, np.nd
     return load_overlays(paths.overlays)
 
 
+def _set_aside_for_resume(ws: Path, participants: Sequence[str], out: Path) -> Path:
+    """Move the run folder each participant of an interrupted simulation left in ``ws`` into ``out/resume_state``
+    (NVFlare's simulator replaces its workspace at every start), one sub-folder per participant; the folder a
+    resumed job's ``resume_from`` names.
+
+    Raises:
+        SimulationError: the server left no state (no round completed): nothing to resume.
+    """
+    from fedoap.resume import SERVER_STATE_FILE
+
+    target = out / "resume_state"
+    server_run = ws / "server" / SIM_JOB_ID
+    if not (server_run / SERVER_STATE_FILE).is_file():
+        if (target / "server" / SERVER_STATE_FILE).is_file():  # set aside by an earlier --resume that was interrupted
+            return target
+        raise SimulationError(f"--resume: {server_run / SERVER_STATE_FILE} does not exist: no round of an earlier "
+                              f"run in {out} completed; start it again without --resume")
+    previous = out / "resume_state.previous"
+    if previous.exists():
+        shutil.rmtree(previous)
+    if target.exists():
+        target.rename(previous)
+    target.mkdir(mode=0o700)
+    for participant in ("server", *participants):
+        if (ws / participant / SIM_JOB_ID).is_dir():
+            shutil.move(str(ws / participant / SIM_JOB_ID), str(target / participant))
+    if previous.exists():
+        shutil.rmtree(previous)
+    return target
+
+
+def _server_history(ws: Path) -> dict[str, Any]:
+    """The server's history of the run in ``ws``.
+
+    Raises:
+        SimulationError: the server wrote none (names its log).
+    """
+    history_path = ws / "server" / SIM_JOB_ID / HISTORY_FILE
+    if not history_path.is_file():
+        raise SimulationError(f"{history_path} was not written: the server failed; see {ws / 'server' / 'log.txt'}")
+    return json.loads(history_path.read_text())
+
+
+def _history_status(ws: Path) -> str:
+    """The status the server's history records ("" when it wrote none or it is unreadable)."""
+    try:
+        return str(_server_history(ws).get("status", ""))
+    except (SimulationError, ValueError, OSError):
+        return ""
+
+
 def run_simulation(run: RunConfig, federation: FederationOptions, out: str | os.PathLike, *,
-                   overwrite: bool = False, verbose: bool = True) -> dict[str, Any]:
+                   overwrite: bool = False, verbose: bool = True, resume: bool = False) -> dict[str, Any]:
     """Run the federation and return the content of ``results.json``.
 
     Args:
@@ -213,10 +265,13 @@ def run_simulation(run: RunConfig, federation: FederationOptions, out: str | os.
         federation: which sites, whose data.
         out: the run's folder (results, figures, the simulator's workspace, synthetic data).
         overwrite: replace results (and synthetic data made with other settings) already in ``out``.
+        resume: continue the interrupted run in ``out`` (same options) from its last completed round: the server's
+            global model, history and rule state, and every site's local state.
 
     Raises:
         SimulationError: the output folder already holds results (without ``overwrite``), a site folder is missing,
-            or a site or the server did not write its results.
+            nothing to resume, too few sites answered a round (the job stopped), or the server did not write its
+            results.
         fedoap.data.DataValidationError: a data file is missing or invalid (the message names it).
         ValueError: the device is not available on this machine.
         KeyboardInterrupt: Ctrl-C (the simulator's processes are ended).
@@ -228,8 +283,15 @@ def run_simulation(run: RunConfig, federation: FederationOptions, out: str | os.
     say = print if verbose else (lambda *a, **k: None)
     run.training.require_device()
     out = Path(out).resolve()
+    if resume and overwrite:
+        raise SimulationError("--resume continues the run in --out; it cannot be combined with --overwrite")
     if (out / "results.json").exists() and not overwrite:
-        raise SimulationError(f"{out / 'results.json'} exists; pass --overwrite or choose another --out")
+        what = "the run is complete, nothing to resume" if resume else "pass --overwrite or choose another --out"
+        raise SimulationError(f"{out / 'results.json'} exists; {what}")
+    n_sites = 1 if run.method.instance.pooled else len(federation.clients)
+    if run.robustness.min_responses > n_sites:
+        raise SimulationError(f"--min-responses {run.robustness.min_responses}: the federation has only {n_sites} "
+                              "site(s)")
     out.mkdir(parents=True, exist_ok=True)
     t = run.training
 
@@ -245,9 +307,12 @@ def run_simulation(run: RunConfig, federation: FederationOptions, out: str | os.
     pooled = run.method.instance.pooled
     sim_sites = [POOLED_SITE] if pooled else list(federation.clients)
     processes = min(federation.processes, len(sim_sites)) if federation.processes > 0 else len(sim_sites)
+    overrides: dict[str, Any] = {}
+    if resume:
+        overrides["resume_from"] = str(_set_aside_for_resume(out / "workspace" / run.method.name, sim_sites, out))
     job = run.override(threads=t.threads or max(1, (os.cpu_count() or 1) // processes),
                        data_root=str(data_root), unseen_dir=str(unseen_dir) if unseen_dir else "",
-                       pool_sites=tuple(federation.clients) if pooled else ())
+                       pool_sites=tuple(federation.clients) if pooled else (), **overrides)
     initial_ckpt = out / "initial_model.pt"
     recipe = FedOAPRecipe(config=job, name=run.method.name, min_clients=len(sim_sites), initial_ckpt=str(initial_ckpt),
                           task_request_interval=0.2)  # one machine: no reason to idle 2 s between a site's tasks
@@ -269,24 +334,29 @@ def run_simulation(run: RunConfig, federation: FederationOptions, out: str | os.
         except RuntimeError as err:  # SimEnv raises on a non-zero simulator status
             if interrupted():
                 raise KeyboardInterrupt from None
+            status = _history_status(ws)
+            if status.startswith("stopped"):
+                raise SimulationError(f"the federation {status}; history: {ws / 'server' / SIM_JOB_ID / HISTORY_FILE}"
+                                      ) from None
             raise SimulationError(f"the NVFlare simulator failed ({err}); site logs: {ws}/<site>/log.txt") from err
     wall = time.time() - start
 
-    history_path = ws / "server" / SIM_JOB_ID / HISTORY_FILE
-    if not history_path.is_file():
-        raise SimulationError(f"{history_path} was not written: the server failed; see {ws / 'server' / 'log.txt'}")
-    history = json.loads(history_path.read_text())
+    history = _server_history(ws)
+    if str(history.get("status", "")).startswith("stopped"):
+        raise SimulationError(f"the federation {history['status']}; history: {ws / 'server' / SIM_JOB_ID / HISTORY_FILE}")
     if len(history["rounds"]) != t.rounds:
         raise SimulationError(f"the server finished {len(history['rounds'])} of {t.rounds} rounds; see "
                               f"{ws / 'server' / 'log.txt'}")
     if pooled:  # one record per round for the pooled site: its scores on each site's splits
         history = unpool_history(history, federation.clients)
 
-    clients, unseen, overlays, bytes_per_round = {}, {}, {}, {}
+    clients, unseen, overlays, bytes_per_round, missing = {}, {}, {}, {}, {}
     for site in federation.clients:  # what each site reported to the server; its overlays from its own workspace
         m = history.get("personalized", {}).get(site)
-        if not m:
-            raise SimulationError(f"site {site!r} sent no personalized results; see {ws}/<site>/log.txt")
+        if not m:  # the site dropped out: the others' results stand, this one says why it has none
+            missing[site] = history.get("not_personalized", {}).get(site, "no personalized result")
+            say(f"[fedoap] WARNING {site}: no personalized result ({missing[site]}); see {ws / site / 'log.txt'}")
+            continue
         overlays[site] = _read_overlays(ws, site, pooled=pooled)
         clients[site] = {"organ": m["organ"], "dice": m["test_dice"], "hd95": m["test_hd95"], "n_test": m["n_test"],
                          "n_test_empty": m["n_test_empty"], "best_finetune_epoch": m["best_finetune_epoch"],
@@ -296,10 +366,15 @@ def run_simulation(run: RunConfig, federation: FederationOptions, out: str | os.
         uploads = [r["sites"][site]["bytes_uploaded"] for r in history["rounds"] if site in r["sites"]]
         bytes_per_round[site] = int(max(uploads)) if uploads else 0
 
+    if not clients:
+        raise SimulationError(f"no site sent personalized results; see {ws}/<site>/log.txt")
     results = {
         "method": run.method.name,
         "rounds": t.rounds,
         "clients": clients,
+        "not_personalized": missing,
+        "dropouts": {r["round"]: r["dropped"] for r in history["rounds"] if r.get("dropped")},
+        "resumed": history.get("resumed", []),
         "unseen": unseen,
         "bytes_uploaded_per_round": bytes_per_round,
         "wall_time_s": wall,

@@ -3,9 +3,12 @@
 good-*: sends the shared key 'weight' filled with its number, weighted by that number, after that number of local
 steps (NUM_STEPS_CURRENT_ROUND, FedNova's tau); 'good-3' also sends the non-shared key 'bias' (must be dropped). nan: sends NaN (must be rejected). shape: sends 'weight' transposed
 (rejected; the element count stays the same because NVFlare's client reshapes the next task to the shapes it sent).
-An empty task (server rule "none": nothing shared): every site sends metrics and no parameter, except 'good-3',
+liar: sends 'weight' filled with 1000 claiming 1e308 samples and 1e-12 local steps (must be rejected: no claim
+makes a site the global model). garbage: sends a string where the tensor belongs, a text metric and a text sample
+count (must be rejected without stopping the job). An empty task (server rule "none": nothing shared): every site sends metrics and no parameter, except 'good-3',
 which sends the key 'bias' (must be dropped). Every site also sends "statistics" ({"site": [its name length]}) in the
-meta, and reports at personalization which sites' statistics the server forwarded with the task.
+meta, and reports at personalization how many sites' statistics the server forwarded with the task (metrics are
+numbers: the server refuses text but for an organ's name).
 """
 
 import numpy as np
@@ -20,9 +23,8 @@ while flare.is_running():
     task = flare.receive()
     if flare.get_task_name() == "personalize":
         forwarded = (task.meta or {}).get("site_statistics", {})
-        flare.send(FLModel(params={}, metrics={"test_dice": 0.5, "test_hd95": 1.0, "site_seen": site,
-                                               "statistics_seen": ",".join(f"{k}:{v['n'][0]}"
-                                                                           for k, v in sorted(forwarded.items()))}))
+        flare.send(FLModel(params={}, metrics={"test_dice": 0.5, "test_hd95": 1.0,
+                                               "statistics_seen": len(forwarded)}))
         continue
     if not task.params:
         params = {"bias": torch.full((2,), 99.0)} if site == "good-3" else {}
@@ -37,6 +39,13 @@ while flare.is_running():
         if site == "good-3":
             params["bias"] = torch.full((2,), 99.0)
         weight = steps = value
+    elif site == "liar":
+        params, weight, steps = {"weight": torch.full(shape, 1000.0)}, 1e308, 1e-12
+    elif site == "garbage":
+        flare.send(FLModel(params={"weight": "not a tensor"}, params_type=ParamsType.FULL,
+                           metrics={"train_loss": "low", "n_samples": 7},
+                           meta={"n_samples": "many", "NUM_STEPS_CURRENT_ROUND": "some"}))
+        continue
     elif site == "nan":
         params, weight, steps = {"weight": torch.full(shape, float("nan"))}, 5, 1
     else:

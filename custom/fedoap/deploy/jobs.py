@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from fedoap.config import RunConfig, TrainingOptions
+from fedoap.config import RobustnessOptions, RunConfig, TrainingOptions
 
 __all__ = ["JOB_TRAINING", "MIN_CLIENTS", "JOBS", "build_recipe", "export_jobs", "job_names"]
 
@@ -60,8 +60,10 @@ def job_names() -> list[str]:
     return list(JOBS)
 
 
-def build_recipe(name: str, training: TrainingOptions = JOB_TRAINING, min_clients: int = MIN_CLIENTS):
-    """The ``FedOAPRecipe`` of job ``name`` (code pre-installed on the sites, data from site configuration).
+def build_recipe(name: str, training: TrainingOptions = JOB_TRAINING, min_clients: int = MIN_CLIENTS,
+                 robustness: Optional[RobustnessOptions] = None):
+    """The ``FedOAPRecipe`` of job ``name`` (code pre-installed on the sites, data from site configuration), with the
+    fault and robustness options ``robustness`` (default: the defaults; ``resume_from`` an interrupted job's id).
 
     Raises:
         ValueError: an unknown job name, or options the run configuration refuses.
@@ -70,7 +72,7 @@ def build_recipe(name: str, training: TrainingOptions = JOB_TRAINING, min_client
 
     if name not in JOBS:
         raise ValueError(f"unknown job {name!r}; choose from {job_names()}")
-    config = RunConfig(training=training).override(**JOBS[name].options)
+    config = RunConfig(training=training, robustness=robustness or RobustnessOptions()).override(**JOBS[name].options)
     return FedOAPRecipe(config=config, name=name, min_clients=min_clients, installed_code=True)
 
 
@@ -96,7 +98,7 @@ def _copy_package(custom: Path) -> None:
 
 def export_jobs(out: str | Path = "jobs", names: Optional[Sequence[str]] = None,
                 training: TrainingOptions = JOB_TRAINING, min_clients: int = MIN_CLIENTS,
-                byoc: bool = False) -> list[Path]:
+                byoc: bool = False, robustness: Optional[RobustnessOptions] = None) -> list[Path]:
     """Export the jobs into ``out/<name>/`` (replacing those folders; other files in ``out`` are kept).
 
     Args:
@@ -112,7 +114,7 @@ def export_jobs(out: str | Path = "jobs", names: Optional[Sequence[str]] = None,
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name in names or job_names():
-        recipe = build_recipe(name, training, min_clients)
+        recipe = build_recipe(name, training, min_clients, robustness)
         with tempfile.TemporaryDirectory() as tmp:
             recipe.export(tmp)
             job_dir = Path(tmp) / name

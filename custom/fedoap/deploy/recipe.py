@@ -17,6 +17,7 @@ hands to the client script (the same executor in the simulator and in a deployme
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -30,7 +31,25 @@ from fedoap.config import RUN_CONFIG_FILE, RunConfig
 from fedoap.server.controller import SharedParamsFedAvg
 from fedoap.site.executor import CLIENT_SCRIPT, FedOAPExecutor, resolve_client_script
 
-__all__ = ["FedOAPRecipe", "FedOAPScriptRunner"]
+__all__ = ["FedOAPRecipe", "FedOAPScriptRunner", "round_timeouts"]
+
+#: seconds a round's timeout allows for everything but training (evaluation, transfer, a slow start)
+_TIMEOUT_BASE_S = 600.0
+#: seconds per epoch of the reference work (64 x 64 slices, width 16, no DP-SGD): generous for a site of a few
+#: thousand slices on a few CPU cores
+_TIMEOUT_PER_EPOCH_S = 600.0
+
+
+def round_timeouts(config: RunConfig) -> tuple[float, float]:
+    """How long a round, and the final personalization, wait for their sites: ``robustness.round_timeout`` for
+    both when set, else scaled to the work asked of a site (epochs x pixels x width^2, times 5 under DP-SGD, whose
+    per-sample gradients are that much slower)."""
+    if config.robustness.round_timeout > 0:
+        return config.robustness.round_timeout, config.robustness.round_timeout
+    t = config.training
+    scale = (t.image_size / 64) ** 2 * (t.width / 16) ** 2 * (5.0 if config.privacy.dp_sgd_on else 1.0)
+    per_epoch = _TIMEOUT_PER_EPOCH_S * scale
+    return _TIMEOUT_BASE_S + t.local_epochs * per_epoch, _TIMEOUT_BASE_S + (t.finetune_epochs + 1) * per_epoch
 
 
 class FedOAPScriptRunner(ScriptRunner):
@@ -64,7 +83,9 @@ class FedOAPRecipe(FedAvgRecipe):
         config: the run configuration every site runs with (training, method and its arguments, privacy, and, in
             simulation only, the data folders; a deployed site reads its data folders from its own configuration,
             ``fedoap.site.site_config``, and refuses a job that names any).
-        min_clients: sites per round (all of them: full participation).
+        min_clients: sites per round (all of them: full participation). The job itself needs only
+            ``config.robustness.min_responses`` of them alive (0: a majority), NVFlare's ``min_clients`` of the job:
+            a site that dies is a dropout, not the end of the job.
         name: job name.
         initial_ckpt: absolute path of the initial global checkpoint (a state dict, e.g. of :attr:`network`); None:
             the server initializes.
@@ -123,6 +144,12 @@ class FedOAPRecipe(FedAvgRecipe):
             # array to the shape the site last sent under the same key) never touches ciphertext arrays.
             server_expected_format=ExchangeFormat.PYTORCH,
         )
+        # NVFlare's client-failure tolerance: the job goes on while this many sites are alive (the job's
+        # min_clients); the controller still sends every round to all min_clients sites and waits for each
+        self.min_responses = config.robustness.min_responses or (min_clients // 2 + 1)
+        if self.min_responses > min_clients:
+            raise ValueError(f"min_responses ({self.min_responses}) cannot exceed min_clients ({min_clients})")
+        self._job.job.min_clients = self.min_responses
         if task_request_interval != 2.0:  # NVFlare's default; how long a site waits before asking for its next task
             self.add_server_config({"server": {"task_request_interval": task_request_interval}})
         if installed_code:  # the components' modules come from the sites' installed package, not from the job
@@ -134,6 +161,7 @@ class FedOAPRecipe(FedAvgRecipe):
                                   params_transfer_type=self.params_transfer_type)
 
     def _create_controller(self, persistor_id: str, model_params, model_aggregator) -> SharedParamsFedAvg:
+        train_timeout, personalize_timeout = round_timeouts(self.config)
         return SharedParamsFedAvg(
             num_rounds=self.num_rounds,
             min_clients=self.min_clients,
@@ -143,4 +171,7 @@ class FedOAPRecipe(FedAvgRecipe):
             personalize=self.personalize,
             he=self.config.privacy.he,
             persistor_id=persistor_id,
+            task_timeout=train_timeout,
+            personalize_timeout=personalize_timeout,
+            robustness=dataclasses.asdict(self.config.robustness),
         )

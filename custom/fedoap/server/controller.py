@@ -24,6 +24,8 @@ checkpoint.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import time
 
@@ -34,11 +36,15 @@ from typing import Any, Mapping, Optional
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.model_controller import ModelController
 
+from fedoap.checks import is_finite_number
 from fedoap.jsonio import write_json
 from fedoap.methods import get_method
-from fedoap.protocol import (AGGREGATION_WEIGHT_KEY, HISTORY_FILE, NUM_SAMPLES_KEY, NUM_STEPS_KEY, PERSONALIZE_TASK,
-                             SITE_STATISTICS_KEY, TRAIN_TASK)
-from fedoap.server.rules import ServerRule, UpdateRejected, check_rule, rule_for_job
+from fedoap.protocol import (HISTORY_FILE, PERSONALIZE_TASK,
+                             TRAIN_TASK)
+from fedoap.config import RobustnessOptions
+from fedoap.resume import SERVER_STATE_FILE, previous_run_dir
+from fedoap.server.intake import RoundIntake
+from fedoap.server.rules import ServerRule, check_rule, rule_for_job
 
 __all__ = ["SharedParamsFedAvg", "ENCRYPTED_CHECKPOINT", "encrypted_checkpoint_bytes", "load_encrypted_checkpoint",
            "payload_bytes"]
@@ -47,20 +53,13 @@ __all__ = ["SharedParamsFedAvg", "ENCRYPTED_CHECKPOINT", "encrypted_checkpoint_b
 ENCRYPTED_CHECKPOINT = "FL_global_model_encrypted.safetensors"
 #: recorded in the encrypted checkpoint's safetensors metadata, with the round
 ENCRYPTED_CHECKPOINT_FORMAT = "fedoap-he-checkpoint/1"
+#: recorded in the server state's safetensors metadata (``fedoap.resume.SERVER_STATE_FILE``)
+SERVER_STATE_FORMAT = "fedoap-server-state/1"
 
 
 def payload_bytes(params: Mapping[str, Any]) -> int:
     """Bytes of the parameter arrays of one update (what a client uploaded)."""
     return int(sum(np.asarray(v).nbytes for v in params.values()))
-
-
-def _count_numbers(value: Any) -> int:
-    """How many numbers a (nested) JSON-like value holds."""
-    if isinstance(value, dict):
-        return sum(_count_numbers(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_count_numbers(v) for v in value)
-    return int(isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
 def encrypted_checkpoint_bytes(aggregate: dict[str, Any], rnd: int) -> bytes:
@@ -112,7 +111,15 @@ class SharedParamsFedAvg(ModelController):
             folder, from the sites' key ceremony, or ``$FEDOAP_HE_CONTEXT_DIR``), broadcasts the encrypted sum and
             saves only ciphertext for the shared part (``ENCRYPTED_CHECKPOINT``).
         persistor_id: id of the persistor component that holds the global checkpoint.
-        task_timeout: seconds to wait for a round (0: no limit).
+        task_timeout: seconds a round waits for its sites (0: no limit); a site that has not answered by then, or
+            that NVFlare finds dead or failed, has dropped out of the round. personalize_timeout: the same for the
+            final personalization.
+        robustness: the fields of :class:`fedoap.config.RobustnessOptions` (stored as given, so the job exports
+            faithfully): ``min_responses``, the fewest sites a round may go on with (0: a majority; below it the job
+            stops, its history saying which rounds completed); the bounds on what a site claims
+            (:class:`fedoap.server.intake.RoundIntake`); a robust rule or norm bound; ``resume_from``, an interrupted
+            run of this job to continue from its last completed round (an earlier job's id, or in simulation an
+            absolute folder with one sub-folder per participant, ``fedoap.resume``).
 
     Raises:
         ValueError: an unknown method or invalid method arguments, a shared set that does not fit the method's rule
@@ -131,17 +138,27 @@ class SharedParamsFedAvg(ModelController):
         personalize: bool = True,
         he: bool = False,
         persistor_id: str = "persistor",
-        task_timeout: int = 0,
+        task_timeout: float = 0,
+        personalize_timeout: float = 0,
+        robustness: Optional[dict[str, Any]] = None,
     ) -> None:
-        super().__init__(persistor_id=persistor_id)
+        # a site's failed task is a dropout (our minimum decides whether the round goes on), never a panic
+        super().__init__(persistor_id=persistor_id, ignore_result_error=True)
         if num_rounds < 1:
             raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
         if min_clients < 1:
             raise ValueError(f"min_clients must be >= 1, got {min_clients}")
+        if (robustness or {}).get("min_responses", 0) > min_clients:
+            raise ValueError(f"robustness.min_responses must be at most min_clients={min_clients}, got "
+                             f"{robustness['min_responses']}")
+        for name, value in (("task_timeout", task_timeout), ("personalize_timeout", personalize_timeout)):
+            if not (is_finite_number(value) and value >= 0):
+                raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
         fl_method = get_method(method, **(method_args or {}))
         self._rule: type[ServerRule] = fl_method.server_rule
         self._rule_args = fl_method.server_rule_args()
-        check_rule(self._rule, self._rule_args, shared_keys, he)
+        self._robustness = RobustnessOptions(**(robustness or {}))
+        check_rule(self._rule, self._rule_args, shared_keys, he, **self._robustness.rule_options())
         self.num_rounds = num_rounds
         self.min_clients = min_clients
         self.shared_keys = shared_keys
@@ -151,8 +168,13 @@ class SharedParamsFedAvg(ModelController):
         self.he = he
         self.persistor_id = persistor_id
         self.task_timeout = task_timeout
+        self.personalize_timeout = personalize_timeout
+        self.robustness = robustness
+        self.min_responses = self._robustness.min_responses
+        self.resume_from = self._robustness.resume_from
         self._history: dict[str, Any] = {}
-        self._site_statistics: dict[str, Any] = {}
+        self._intake = RoundIntake(self._robustness, shares_statistics=fl_method.shares_statistics,
+                                   num_rounds=num_rounds, progress=self._progress, warn=self._warn)
 
     # -- helpers -----------------------------------------------------------------------------------------------------
     def _write_history(self) -> None:
@@ -180,56 +202,168 @@ class SharedParamsFedAvg(ModelController):
         initial_shared = {k: model.params[k] for k in self.shared_keys}
         try:
             rule = self._job_rule(initial_shared)
+            resumed = self._resume_state(initial_shared)
         except (FileNotFoundError, ValueError) as err:
             self.panic(str(err))
             return
-        self._history = {"method": self.method, "server_rule": self._rule.name, "he": self.he, "rounds": [],
-                         "personalized": {}, "n_shared_keys": len(self.shared_keys)}
-        start = time.time()
         # Round 0 broadcasts the public initialization in clear; with HE every later broadcast is the encrypted sum.
-        broadcast = initial_shared
-        for rnd in range(self.num_rounds):
-            clients = self.sample_clients(self.min_clients)
+        broadcast, first_round = initial_shared, 0
+        self._history = {"method": self.method, "server_rule": rule.name, "he": self.he, "rounds": [],
+                         "personalized": {}, "n_shared_keys": len(self.shared_keys), "status": "running",
+                         "completed_rounds": 0, "min_responses": None}
+        if resumed is not None:
+            broadcast, first_round = resumed["broadcast"], resumed["round"] + 1
+            self._history = resumed["history"]
+            self._intake.site_statistics = resumed["site_statistics"]
+            rule.load_state(resumed["rule_state"])
+            self._history.setdefault("resumed", []).append({"from_round": resumed["round"], "at": time.time()})
+            if not rule.encrypted and broadcast:
+                model.params.update({k: torch.as_tensor(v) for k, v in broadcast.items()})
+            self._progress(f"resumed after round {first_round}/{self.num_rounds} from {resumed['path']}")
+        start, base_wall = time.time(), float(self._history.get("wall_time_s", 0.0))
+        clients = self.sample_clients(self.min_clients)
+        targets = [c.name if hasattr(c, "name") else c for c in clients]
+        needed = self.min_responses or (len(targets) // 2 + 1)  # 0: a majority of the sites
+        self._history["min_responses"] = needed
+        for rnd in range(first_round, self.num_rounds):
             round_start = time.time()
             task = FLModel(params=broadcast, params_type=ParamsType.FULL, current_round=rnd, total_rounds=self.num_rounds,
                            meta=self._task_meta())
-            results = self.send_model_and_wait(task_name=TRAIN_TASK, data=task, targets=clients, timeout=self.task_timeout)
-            rule.reset(broadcast)
-            record = self._aggregate_round(rnd, rule, results)
-            if rule.count:
-                broadcast = rule.result()
-                summary = rule.summary()  # what a learned rule decided (FedAWA's weights, FedLWS's factors)
-                if summary:
-                    record["aggregation"] = summary
+            results = self._send(TRAIN_TASK, task, targets, self.task_timeout)
+            dropped = self._dropped(targets, results, self.task_timeout)
+            for site, why in dropped.items():
+                self._warn(f"round {rnd + 1}: {site} dropped out of the round: {why}")
+            if len(results) < needed:
+                self._history["wall_time_s"] = base_wall + time.time() - start
+                self._stop(rnd, len(results), needed, dropped)
+                return
+            outcome = self._intake.collect(rnd, rule, broadcast, results)  # never raises for what a site sent
+            record = outcome.record
+            if dropped:
+                record["dropped"] = dropped
+            if outcome.aggregate is not None:  # checked finite (in clear); None: the global model is unchanged
+                broadcast = outcome.aggregate
                 self._save(model, broadcast, rnd, ciphertext=rule.encrypted)
             record["round_seconds"] = time.time() - round_start
             self._history["rounds"].append(record)
-            self._history["wall_time_s"] = time.time() - start
+            self._history["completed_rounds"] = rnd + 1
+            self._history["wall_time_s"] = base_wall + time.time() - start
+            self._save_state(rnd, broadcast, rule)
             self._write_history()
 
         if self.personalize:
-            self._progress(f"personalizing: local fine-tuning and evaluation on {len(clients)} site(s)")
+            self._progress(f"personalizing: local fine-tuning and evaluation on {len(targets)} site(s)")
             final = FLModel(params=broadcast, params_type=ParamsType.FULL, current_round=self.num_rounds,
                             total_rounds=self.num_rounds, meta=self._task_meta())
-            results = self.send_model_and_wait(
-                task_name=PERSONALIZE_TASK, data=final, targets=clients, timeout=self.task_timeout
-            )
-            for result in results:
-                site = result.meta.get("client_name", "?")
-                metrics = dict(result.metrics or {})
-                self._history["personalized"][site] = metrics
-                self._progress(
-                    f"{site}: personalized test Dice {metrics.get('test_dice', float('nan')):.3f}, "
-                    f"HD95 {metrics.get('test_hd95', float('nan')):.1f}"
-                )
-        self._history["wall_time_s"] = time.time() - start
+            results = self._send(PERSONALIZE_TASK, final, targets, self.personalize_timeout)
+            missing_sites = self._dropped(targets, results, self.personalize_timeout)
+            for site, metrics in self._intake.collect_personalized(results).items():
+                if "rejected" in metrics:
+                    missing_sites[site] = metrics["rejected"]
+                else:
+                    self._history["personalized"][site] = metrics
+            if missing_sites:
+                self._history["not_personalized"] = missing_sites
+                self._warn(f"no personalized result from {sorted(missing_sites)}")
+        self._history["status"] = "completed"
+        self._history["wall_time_s"] = base_wall + time.time() - start
         self._write_history()
-        self._progress(f"done in {self._history['wall_time_s']:.0f} s")
+        self._progress(f"done in {time.time() - start:.0f} s")
+
+    def _send(self, task_name: str, task: FLModel, targets: list[str], timeout: float) -> list[FLModel]:
+        """Send ``task`` to every target and wait for all of them, at most ``timeout`` seconds (NVFlare also ends the
+        wait for a site it finds dead); what came back in time, without error (a failed site is a dropout here,
+        never a failure of the job)."""
+        return self.send_model_and_wait(task_name=task_name, data=task, targets=targets,
+                                        timeout=int(math.ceil(timeout)) if timeout > 0 else 0)
+
+    @staticmethod
+    def _dropped(targets: list[str], results: list[FLModel], timeout: float) -> dict[str, str]:
+        """The targets that sent nothing usable, with why (as far as the server can tell)."""
+        answered = {(r.meta or {}).get("client_name") for r in results}
+        reason = (f"no result within {timeout:.0f} s (timed out, failed or disconnected)" if timeout > 0
+                  else "no result (failed or disconnected)")
+        return {site: reason for site in targets if site not in answered}
+
+    def _stop(self, rnd: int, answered: int, needed: int, dropped: dict[str, str]) -> None:
+        """Fewer sites answered round ``rnd`` than the job needs: end the job, saying which rounds completed."""
+        status = (f"stopped in round {rnd + 1}: {answered} site(s) answered, fewer than the {needed} required "
+                  f"(min_responses); {self._history['completed_rounds']} round(s) completed")
+        self._history.update(status=status, stopped_round={"round": rnd, "answered": answered, "dropped": dropped})
+        self._write_history()
+        self._warn(status)
+        self.panic(status)
+
+    # -- state for resuming --------------------------------------------------------------------------------------------
+    def _state_identity(self) -> dict[str, Any]:
+        """What a saved state must match to be resumed by this job."""
+        return {"method": self.method, "method_args": self.method_args or {}, "num_rounds": self.num_rounds,
+                "he": self.he, "shared_keys": list(self.shared_keys)}
+
+    def _save_state(self, rnd: int, broadcast: Mapping[str, Any], rule: ServerRule) -> None:
+        """The workflow's state after round ``rnd`` (the global shared parameters, or under HE the ciphertext only;
+        the history; what the rule carries; the sites' statistics), as one safetensors file written atomically and
+        owner-only, so a restarted server continues from the last completed round."""
+        from safetensors.numpy import save
+
+        from fedoap.privacy.at_rest import write_private
+
+        arrays = {k: np.ascontiguousarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+                  for k, v in broadcast.items()}
+        meta = {"format": SERVER_STATE_FORMAT, "round": str(int(rnd)), "encrypted": "1" if rule.encrypted else "0",
+                "identity": json.dumps(self._state_identity()), "history": json.dumps(self._history),
+                "rule_state": json.dumps(rule.state()), "site_statistics": json.dumps(self._intake.site_statistics)}
+        write_private(os.path.join(self.get_run_dir(), SERVER_STATE_FILE), save(arrays, metadata=meta))
+
+    def _resume_state(self, initial_shared: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+        """The state an interrupted run of this job left (``resume_from``), or None when not resuming.
+
+        Raises:
+            FileNotFoundError: resuming without a state file (names it).
+            ValueError: a state of another job (method, rounds, HE or shared keys differ) or not of this format.
+        """
+        if not self.resume_from:
+            return None
+        from safetensors import SafetensorError, safe_open
+
+        root = self.fl_ctx.get_engine().get_workspace().get_root_dir()
+        path = previous_run_dir(self.resume_from, "server", root) / SERVER_STATE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"resume_from={self.resume_from!r}: {path} does not exist (no round of that run "
+                                    "completed, or another workspace)")
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+                arrays = {k: f.get_tensor(k) for k in f.keys()}
+            identity = json.loads(meta.get("identity", "null"))
+            state = {"round": int(meta["round"]), "history": json.loads(meta["history"]),
+                     "rule_state": json.loads(meta["rule_state"]),
+                     "site_statistics": json.loads(meta["site_statistics"]), "encrypted": meta["encrypted"] == "1"}
+        except (SafetensorError, OSError, KeyError, ValueError, TypeError) as err:
+            raise ValueError(f"{path} is not a server state of format {SERVER_STATE_FORMAT!r}: {err}") from None
+        if meta.get("format") != SERVER_STATE_FORMAT:
+            raise ValueError(f"{path} is not a server state of format {SERVER_STATE_FORMAT!r}")
+        if identity != self._state_identity():
+            raise ValueError(f"{path} is the state of another job (method, its arguments, rounds, HE or shared keys "
+                             "differ): it cannot be resumed by this one")
+        if not 0 <= state["round"] < self.num_rounds:
+            raise ValueError(f"{path}: round {state['round']} is outside this job's {self.num_rounds} rounds")
+        if state["encrypted"]:
+            broadcast = dict(arrays)
+        else:
+            broadcast = {}
+            for key, value in initial_shared.items():
+                if key not in arrays or tuple(arrays[key].shape) != tuple(np.shape(value)):
+                    raise ValueError(f"{path}: {key!r} is missing or has another shape")
+                if not np.isfinite(arrays[key]).all():
+                    raise ValueError(f"{path}: {key!r} contains NaN or Inf")
+                broadcast[key] = torch.as_tensor(arrays[key]).to(torch.as_tensor(value).dtype)
+        return {**state, "broadcast": broadcast, "path": str(path)}
 
     def _task_meta(self) -> dict[str, Any]:
-        """What every task carries besides the parameters: the latest statistics of every site that shares some
-        (FedRDN), forwarded as the sites sent them."""
-        return {SITE_STATISTICS_KEY: dict(self._site_statistics)} if self._site_statistics else {}
+        """What every task carries besides the parameters: the latest statistics of the sites, for a method that
+        uses them (``RoundIntake.task_meta``)."""
+        return self._intake.task_meta()
 
     def _job_rule(self, initial_shared: dict[str, Any]) -> ServerRule:
         """The rule object that serves this job (:func:`fedoap.server.rules.rule_for_job`), built once; under HE with
@@ -239,7 +373,8 @@ class SharedParamsFedAvg(ModelController):
             FileNotFoundError: HE without the server's context file.
             ValueError: a context that holds a secret key, or a reference the rule cannot take.
         """
-        return rule_for_job(self._rule, self._rule_args, initial_shared, self._he_context() if self.he else None)
+        return rule_for_job(self._rule, self._rule_args, initial_shared, self._he_context() if self.he else None,
+                            **self._robustness.rule_options())
 
     def _he_context(self) -> Any:
         """The server's TenSEAL context (no secret key: the server only adds ciphertexts)."""
@@ -263,42 +398,3 @@ class SharedParamsFedAvg(ModelController):
             return
         model.params.update({k: torch.as_tensor(v) for k, v in aggregate.items()})
         self.save_model(model)
-
-    def _aggregate_round(self, rnd: int, rule: ServerRule, results: list[FLModel]) -> dict[str, Any]:
-        """Add every site's update to ``rule`` (reset for this round) and record what happened: accepted, dropped
-        keys, rejected with the reason; under the null rule the sites' metrics only (whatever a site sent is
-        dropped)."""
-        sites: dict[str, Any] = {}
-        for result in results:
-            meta = result.meta or {}
-            site = meta.get("client_name", "?")
-            params = result.params or {}
-            weight = meta.get(AGGREGATION_WEIGHT_KEY, meta.get(NUM_SAMPLES_KEY, 0))
-            steps = meta.get(NUM_STEPS_KEY)
-            # what the site uploaded: its parameters, plus the statistics its method shares (as float32 values)
-            statistics_bytes = 4 * _count_numbers(meta.get(SITE_STATISTICS_KEY))
-            entry = {"bytes_uploaded": payload_bytes(params) + statistics_bytes, NUM_SAMPLES_KEY: meta.get(NUM_SAMPLES_KEY, 0),
-                     "steps": steps, AGGREGATION_WEIGHT_KEY: weight, **(result.metrics or {})}
-            statistics = meta.get(SITE_STATISTICS_KEY)
-            if statistics is not None:
-                self._site_statistics[site] = statistics
-            try:
-                dropped = rule.add(site, params, weight, steps=steps)
-            except UpdateRejected as err:
-                self._warn(f"round {rnd + 1}: rejected update: {err}")
-                entry["rejected"] = str(err)
-            else:
-                if dropped:
-                    self._warn(f"round {rnd + 1}: {site} sent {len(dropped)} non-shared key(s), dropped: {dropped}")
-                    entry["dropped_keys"] = dropped
-            sites[site] = entry
-        accepted = rule.count
-        if rule.shares and not accepted:
-            self._warn(f"round {rnd + 1}: no update accepted; the global model is unchanged")
-        parts = [
-            f"{site} loss {s.get('train_loss', float('nan')):.3f} val Dice {s.get('val_dice', float('nan')):.3f}"
-            for site, s in sorted(sites.items())
-        ]
-        status = f"{accepted}/{len(results)} accepted" if rule.shares else f"{len(results)} local"
-        self._progress(f"round {rnd + 1}/{self.num_rounds} ({status}): " + "; ".join(parts))
-        return {"round": rnd, "accepted": accepted, "sites": sites}
