@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fedoap.privacy.he import create_contexts, decrypt_average, encrypt_update, from_params, to_params
-from fedoap.server.controller import payload_bytes
+from fedoap.server.intake import payload_bytes
 from fedoap.server.rules import (REFERENCES, RULES, EncryptedSum, FedAWARule, FedNovaRule, NoAggregation, ServerRule,
                                  UpdateRejected, WeightedMean, check_rule, rule_for_job)
 

@@ -27,24 +27,17 @@ from fedoap.networks.site_normalized_net import INPUT_STATISTICS_KEYS
 from fedoap.privacy.dp import DPSGDConfig
 from fedoap.training import LocalTrainer, TrainConfig
 
+import discs
+
 NAMES = list(METHODS)
 MODEL_ARGS = {"channels": [4, 8, 8, 8], "bottleneck_channels": 8}
 SIZE = 32  # the smallest input FedOAPNet takes (2 x 2 attention tokens)
 
 
 def disc_split(n: int, seed: int) -> SliceSet:
-    """``n`` images of one bright disc (radius 4-7 px) on a dark, slightly noisy background; the disc is the label.
-    Every image has a lesion, so predicting nothing scores Dice 0 and predicting everything ~0.2."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:SIZE, :SIZE]
-    images, labels = [], []
-    for _ in range(n):
-        radius = rng.uniform(4, 7)
-        cy, cx = rng.uniform(radius + 1, SIZE - radius - 1, size=2)
-        disc = ((yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2).astype(np.float32)
-        images.append((0.2 + 0.6 * disc + 0.05 * rng.standard_normal((SIZE, SIZE))).astype(np.float32))
-        labels.append(disc)
-    return SliceSet(np.stack(images)[:, None], np.stack(labels)[:, None], [f"s{seed}-c{i}" for i in range(n)])
+    """``n`` images of one bright disc (radius 4-7 px); every image has a lesion, so predicting nothing scores Dice 0
+    and predicting everything ~0.2."""
+    return discs.disc_split(n, seed, size=SIZE, prefix=f"s{seed}-")
 
 
 def site(name: str, train: SliceSet, val: SliceSet, dp=None, **config) -> LocalTrainer:

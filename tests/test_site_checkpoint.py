@@ -10,7 +10,6 @@ import pickle
 import re
 import stat
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -26,7 +25,8 @@ from fedoap.resume import SITE_STATE_PREFIX
 from fedoap.site import checkpoint
 from fedoap.site.checkpoint import (KEEP_ROUNDS, decode_state, encode_state, global_rng_state, load_site_state,
                                     save_site_state, saved_rounds, set_global_rng_state, state_path)
-from fedoap.site.session import SITE_RESULTS_DIR, SiteSession, resume_from
+from fedoap.site.session import SITE_RESULTS_DIR, SiteSession
+from discs import disc_split
 from fedoap.training import LocalTrainer, TrainConfig
 
 KEY = bytes(range(32))
@@ -156,16 +156,7 @@ SIZE = 32
 
 
 def _discs(n: int, seed: int) -> SliceSet:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:SIZE, :SIZE]
-    images, labels = [], []
-    for _ in range(n):
-        radius = rng.uniform(1, 7)
-        cy, cx = rng.uniform(radius + 1, SIZE - radius - 1, size=2)
-        disc = ((yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2).astype(np.float32)
-        images.append((0.2 + 0.6 * disc + 0.05 * rng.standard_normal((SIZE, SIZE))).astype(np.float32))
-        labels.append(disc)
-    return SliceSet(np.stack(images)[:, None], np.stack(labels)[:, None], [f"c{i // 2}" for i in range(n)])
+    return disc_split(n, seed, size=SIZE, radius=(1.0, 7.0), slices_per_case=2)
 
 
 TRAIN, VAL = _discs(8, 0), _discs(2, 1)
@@ -283,14 +274,7 @@ def _config(data_root: Path, method: str, resume: str = "", **options) -> RunCon
     """A new configuration (and so a new method object) per session, as every site process has its own."""
     settings = dict(rounds=3, local_epochs=1, finetune_epochs=0, image_size=32, width=8, batch_size=4, seed=1,
                     method=method, data_root=str(data_root), **options)
-    if not resume:
-        return RunConfig.from_options(**settings)
-    try:
-        return RunConfig.from_options(**settings, resume_from=resume)
-    except ValueError:  # before the robustness section lands: the session reads it by attribute
-        config = RunConfig.from_options(**settings)
-        object.__setattr__(config, "robustness", SimpleNamespace(resume_from=resume))
-        return config
+    return RunConfig.from_options(**settings, resume_from=resume)
 
 
 def _run(session: SiteSession, rounds, global_shared: dict) -> tuple[dict, list]:
@@ -319,7 +303,7 @@ def test_a_resumed_session_continues_as_an_uninterrupted_one(data_root, workspac
     del interrupted  # the crash
 
     resumed = SiteSession(_config(data_root, method, resume="job-b"), SITE, workspace, "job-c")
-    assert resume_from(resumed.config) == "job-b"
+    assert resumed.config.robustness.resume_from == "job-b"
     with caplog.at_level(logging.INFO, logger="fedoap.site.session"):
         _, (reply,) = _run(resumed, [2], global_shared)
     assert f"resumes from its state after round 1 ({workspace / 'job-b' / SITE_RESULTS_DIR}" in caplog.text

@@ -450,6 +450,10 @@ class RobustnessOptions:
     def __post_init__(self) -> None:
         _validate(self)
 
+    def responses_needed(self, n_sites: int) -> int:
+        """The fewest of ``n_sites`` a round may go on with: ``min_responses``, or a majority when it is 0."""
+        return self.min_responses or (n_sites // 2 + 1)
+
     def rule_options(self) -> dict[str, Any]:
         """The keyword arguments of ``fedoap.server.rules.rule_for_job`` (and ``check_rule``) these options give."""
         return {"robust_rule": self.robust_rule,

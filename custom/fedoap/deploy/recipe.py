@@ -146,10 +146,7 @@ class FedOAPRecipe(FedAvgRecipe):
         )
         # NVFlare's client-failure tolerance: the job goes on while this many sites are alive (the job's
         # min_clients); the controller still sends every round to all min_clients sites and waits for each
-        self.min_responses = config.robustness.min_responses or (min_clients // 2 + 1)
-        if self.min_responses > min_clients:
-            raise ValueError(f"min_responses ({self.min_responses}) cannot exceed min_clients ({min_clients})")
-        self._job.job.min_clients = self.min_responses
+        self._job.job.min_clients = config.robustness.responses_needed(min_clients)
         if task_request_interval != 2.0:  # NVFlare's default; how long a site waits before asking for its next task
             self.add_server_config({"server": {"task_request_interval": task_request_interval}})
         if installed_code:  # the components' modules come from the sites' installed package, not from the job

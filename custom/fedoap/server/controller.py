@@ -47,7 +47,7 @@ from fedoap.server.intake import RoundIntake
 from fedoap.server.rules import ServerRule, check_rule, rule_for_job
 
 __all__ = ["SharedParamsFedAvg", "ENCRYPTED_CHECKPOINT", "encrypted_checkpoint_bytes", "load_encrypted_checkpoint",
-           "payload_bytes"]
+           "SERVER_STATE_FORMAT"]
 
 #: the server's checkpoint under HE (ciphertext only), in its app folder: safetensors, no pickle
 ENCRYPTED_CHECKPOINT = "FL_global_model_encrypted.safetensors"
@@ -57,19 +57,37 @@ ENCRYPTED_CHECKPOINT_FORMAT = "fedoap-he-checkpoint/1"
 SERVER_STATE_FORMAT = "fedoap-server-state/1"
 
 
-def payload_bytes(params: Mapping[str, Any]) -> int:
-    """Bytes of the parameter arrays of one update (what a client uploaded)."""
-    return int(sum(np.asarray(v).nbytes for v in params.values()))
+def _safetensors_bytes(arrays: Mapping[str, Any], metadata: dict[str, str]) -> bytes:
+    """``arrays`` (tensors or arrays) as safetensors with ``metadata``: what the server keeps never needs pickle."""
+    from safetensors.numpy import save
+
+    return save({k: np.ascontiguousarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+                 for k, v in arrays.items()}, metadata=metadata)
+
+
+def _read_safetensors(path: str | os.PathLike, fmt: str) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """The metadata and arrays of a safetensors file the server wrote in format ``fmt``.
+
+    Raises:
+        ValueError: not a readable safetensors file, or of another format (names the file).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not a safetensors file of format {fmt!r}: {err}") from None
+    if meta.get("format") != fmt or not str(meta.get("round", "")).isdigit():
+        raise ValueError(f"{path} is not a file of format {fmt!r} (metadata {meta})")
+    return meta, arrays
 
 
 def encrypted_checkpoint_bytes(aggregate: dict[str, Any], rnd: int) -> bytes:
     """The HE aggregate (the uint8/float64 transport arrays of ``fedoap.privacy.he.to_params``) as safetensors, with
     the format and the round in its metadata: loading it never unpickles anything."""
-    from safetensors.numpy import save
-
-    arrays = {k: np.ascontiguousarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
-              for k, v in aggregate.items()}
-    return save(arrays, metadata={"format": ENCRYPTED_CHECKPOINT_FORMAT, "round": str(int(rnd))})
+    return _safetensors_bytes(aggregate, {"format": ENCRYPTED_CHECKPOINT_FORMAT, "round": str(int(rnd))})
 
 
 def load_encrypted_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -79,17 +97,7 @@ def load_encrypted_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     Raises:
         ValueError: the file is not a safetensors file of this format (names the file).
     """
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(os.fspath(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-            arrays = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path} is not a safetensors checkpoint: {err}") from None
-    if meta.get("format") != ENCRYPTED_CHECKPOINT_FORMAT or not str(meta.get("round", "")).isdigit():
-        raise ValueError(f"{path} is not an encrypted checkpoint of format {ENCRYPTED_CHECKPOINT_FORMAT!r} "
-                         f"(metadata {meta})")
+    meta, arrays = _read_safetensors(path, ENCRYPTED_CHECKPOINT_FORMAT)
     return {"round": int(meta["round"]), "encrypted_shared": arrays}
 
 
@@ -170,8 +178,6 @@ class SharedParamsFedAvg(ModelController):
         self.task_timeout = task_timeout
         self.personalize_timeout = personalize_timeout
         self.robustness = robustness
-        self.min_responses = self._robustness.min_responses
-        self.resume_from = self._robustness.resume_from
         self._history: dict[str, Any] = {}
         self._intake = RoundIntake(self._robustness, shares_statistics=fl_method.shares_statistics,
                                    num_rounds=num_rounds, progress=self._progress, warn=self._warn)
@@ -223,7 +229,7 @@ class SharedParamsFedAvg(ModelController):
         start, base_wall = time.time(), float(self._history.get("wall_time_s", 0.0))
         clients = self.sample_clients(self.min_clients)
         targets = [c.name if hasattr(c, "name") else c for c in clients]
-        needed = self.min_responses or (len(targets) // 2 + 1)  # 0: a majority of the sites
+        needed = self._robustness.responses_needed(len(targets))
         self._history["min_responses"] = needed
         for rnd in range(first_round, self.num_rounds):
             round_start = time.time()
@@ -304,16 +310,12 @@ class SharedParamsFedAvg(ModelController):
         """The workflow's state after round ``rnd`` (the global shared parameters, or under HE the ciphertext only;
         the history; what the rule carries; the sites' statistics), as one safetensors file written atomically and
         owner-only, so a restarted server continues from the last completed round."""
-        from safetensors.numpy import save
-
         from fedoap.privacy.at_rest import write_private
 
-        arrays = {k: np.ascontiguousarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
-                  for k, v in broadcast.items()}
         meta = {"format": SERVER_STATE_FORMAT, "round": str(int(rnd)), "encrypted": "1" if rule.encrypted else "0",
                 "identity": json.dumps(self._state_identity()), "history": json.dumps(self._history),
                 "rule_state": json.dumps(rule.state()), "site_statistics": json.dumps(self._intake.site_statistics)}
-        write_private(os.path.join(self.get_run_dir(), SERVER_STATE_FILE), save(arrays, metadata=meta))
+        write_private(os.path.join(self.get_run_dir(), SERVER_STATE_FILE), _safetensors_bytes(broadcast, meta))
 
     def _resume_state(self, initial_shared: Mapping[str, Any]) -> Optional[dict[str, Any]]:
         """The state an interrupted run of this job left (``resume_from``), or None when not resuming.
@@ -322,27 +324,21 @@ class SharedParamsFedAvg(ModelController):
             FileNotFoundError: resuming without a state file (names it).
             ValueError: a state of another job (method, rounds, HE or shared keys differ) or not of this format.
         """
-        if not self.resume_from:
+        if not self._robustness.resume_from:
             return None
-        from safetensors import SafetensorError, safe_open
-
         root = self.fl_ctx.get_engine().get_workspace().get_root_dir()
-        path = previous_run_dir(self.resume_from, "server", root) / SERVER_STATE_FILE
+        path = previous_run_dir(self._robustness.resume_from, "server", root) / SERVER_STATE_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"resume_from={self.resume_from!r}: {path} does not exist (no round of that run "
+            raise FileNotFoundError(f"resume_from={self._robustness.resume_from!r}: {path} does not exist (no round of that run "
                                     "completed, or another workspace)")
+        meta, arrays = _read_safetensors(path, SERVER_STATE_FORMAT)
         try:
-            with safe_open(str(path), framework="numpy") as f:
-                meta = f.metadata() or {}
-                arrays = {k: f.get_tensor(k) for k in f.keys()}
             identity = json.loads(meta.get("identity", "null"))
             state = {"round": int(meta["round"]), "history": json.loads(meta["history"]),
                      "rule_state": json.loads(meta["rule_state"]),
                      "site_statistics": json.loads(meta["site_statistics"]), "encrypted": meta["encrypted"] == "1"}
-        except (SafetensorError, OSError, KeyError, ValueError, TypeError) as err:
+        except (KeyError, ValueError, TypeError) as err:
             raise ValueError(f"{path} is not a server state of format {SERVER_STATE_FORMAT!r}: {err}") from None
-        if meta.get("format") != SERVER_STATE_FORMAT:
-            raise ValueError(f"{path} is not a server state of format {SERVER_STATE_FORMAT!r}")
         if identity != self._state_identity():
             raise ValueError(f"{path} is the state of another job (method, its arguments, rounds, HE or shared keys "
                              "differ): it cannot be resumed by this one")

@@ -46,7 +46,7 @@ from fedoap.privacy.he import HE_KEY_PREFIX
 from fedoap.protocol import AGGREGATION_WEIGHT_KEY, NUM_SAMPLES_KEY, NUM_STEPS_KEY, SITE_STATISTICS_KEY
 from fedoap.server.rules import ServerRule, UpdateRejected
 
-__all__ = ["RoundIntake", "RoundOutcome", "IntakeLimits", "SERVER_FIELDS", "STRING_METRICS", "MAX_NAME_CHARS",
+__all__ = ["RoundIntake", "RoundOutcome", "IntakeLimits", "payload_bytes", "SERVER_FIELDS", "STRING_METRICS", "MAX_NAME_CHARS",
            "MAX_STRING_CHARS", "MAX_METRICS"]
 
 logger = logging.getLogger(__name__)
@@ -199,10 +199,14 @@ def _count_numbers(value: Any, budget: int, depth: int = 0) -> int:
     return total
 
 
+def payload_bytes(params: Any) -> int:
+    """Bytes of the parameter arrays of one update (0 for what is not a dict of arrays)."""
+    return sum(_array_bytes(v) for v in params.values()) if isinstance(params, Mapping) else 0
+
+
 def _uploaded_bytes(params: Any, statistics: Any, budget: int) -> int:
     """Bytes of the parameter arrays of one update, plus its statistics as float32 values (what the site sent)."""
-    params_bytes = sum(_array_bytes(v) for v in params.values()) if isinstance(params, Mapping) else 0
-    return params_bytes + 4 * _count_numbers(statistics, budget)
+    return payload_bytes(params) + 4 * _count_numbers(statistics, budget)
 
 
 # -- the checks of one result --------------------------------------------------------------------------------------

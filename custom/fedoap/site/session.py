@@ -51,7 +51,7 @@ from fedoap.site.privacy import SitePrivacy, public_metrics, stricter
 from fedoap.site.site_config import find_site_config, load_site_config
 from fedoap.training import LocalTrainer, TrainConfig
 
-__all__ = ["SiteSession", "Reply", "SITE_RESULTS_DIR", "site_data_dirs", "resume_from"]
+__all__ = ["SiteSession", "Reply", "SITE_RESULTS_DIR", "site_data_dirs"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,12 +99,6 @@ def _load_data(config: RunConfig, site: str, workspace: Path) -> tuple[list[Site
     return sites, data, load_unseen(unseen_dir, image_size=size) if unseen_dir else None
 
 
-def resume_from(config: RunConfig) -> str:
-    """The earlier run a job resumes (``robustness.resume_from``: a job id or, in simulation, an absolute folder), or
-    "" for a fresh job."""
-    return config.robustness.resume_from
-
-
 def _overlay_indices(split: SliceSet, n: int) -> np.ndarray:
     """Test images with the largest lesions first, so the overlay figure shows tumors, not empty slices."""
     area = split.labels.reshape(len(split), -1).sum(1)
@@ -146,7 +140,7 @@ class SiteSession:
         self.trainer = LocalTrainer(model, self.method, self.data.train, self.data.val, self.train_config, dp=dp)
         self.privacy: Optional[SitePrivacy] = None  # built with the first task, which carries the site's DP policy
         self.out_dir = make_private_dir(self.workspace / job_id / SITE_RESULTS_DIR)
-        self._resume_pending = bool(resume_from(config))  # a resumed job loads its state at its first task
+        self._resume_pending = bool(config.robustness.resume_from)  # a resumed job loads its state at its first task
 
     @property
     def private(self) -> bool:
@@ -245,7 +239,7 @@ class SiteSession:
         Raises:
             ValueError: a state file is unreadable, changed, or does not fit this session (names the file).
         """
-        folder = previous_run_dir(resume_from(self.config), self.site, self.workspace) / SITE_RESULTS_DIR
+        folder = previous_run_dir(self.config.robustness.resume_from, self.site, self.workspace) / SITE_RESULTS_DIR
         found = load_site_state(folder, task_round - 1, key=self.at_rest_key) if task_round > 0 else None
         newest = load_site_state(folder, sys.maxsize, key=self.at_rest_key)
         if found is not None:
