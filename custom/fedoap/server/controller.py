@@ -78,7 +78,7 @@ def _read_safetensors(path: str | os.PathLike, fmt: str) -> tuple[dict[str, str]
             meta = f.metadata() or {}
             arrays = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path} is not a safetensors file of format {fmt!r}: {err}") from None
+        raise ValueError(f"{path} is not a safetensors checkpoint (format {fmt!r}): {err}") from None
     if meta.get("format") != fmt or not str(meta.get("round", "")).isdigit():
         raise ValueError(f"{path} is not a file of format {fmt!r} (metadata {meta})")
     return meta, arrays
