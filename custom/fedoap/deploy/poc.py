@@ -15,7 +15,9 @@ every participant of the workspace's project:
 * the HE keys: the project files have no ``HEBuilder`` (the coordinator who provisions holds no HE key), so
   :func:`run_poc_key_ceremony` runs the sites' key ceremony (:mod:`fedoap.privacy.he_keys`) on their behalf, as they
   all live on this machine: the first client site makes the key, the others join from the sealed bundle, the server
-  gets the public context. Every run makes a new key for every participant.
+  gets the public context. Every run makes a new key for every participant;
+* secure aggregation's identities: :func:`run_poc_secagg_keys` makes each client site's identity key in its own
+  ``local/`` and gives every participant the roster of their public keys (``fedoap secagg-keys``).
 
 Sites read these files when they start: configure before ``nvflare poc start`` (or restart the POC).
 """
@@ -35,7 +37,7 @@ import yaml
 from fedoap.site.site_config import write_site_config
 
 __all__ = ["POLICY_DIR", "SITE_POLICY_FILES", "configure_poc", "configure_site", "find_prod_dir",
-           "run_poc_key_ceremony"]
+           "run_poc_key_ceremony", "run_poc_secagg_keys"]
 
 #: the project's site policies: privacy.json, resources.json and authorization.json
 POLICY_DIR = Path(__file__).resolve().parents[3] / "poc_workspace" / "local"
@@ -179,4 +181,29 @@ def configure_poc(workspace: str | os.PathLike, data: str | os.PathLike, unseen:
     clients = [p["name"] for p in project["participants"] if p["type"] == "client"]
     for name, path in run_poc_key_ceremony(prod, clients, servers[0]).items():
         written[name]["he_context"] = str(path)
+    for name, paths in run_poc_secagg_keys(prod, clients, servers[0]).items():
+        written[name].update(paths)
+    return written
+
+
+def run_poc_secagg_keys(prod: str | os.PathLike, clients: Sequence[str], server: str) -> dict[str, dict[str, str]]:
+    """Secure aggregation's identities for a POC, where every participant's kit is on this machine: each client site
+    makes its own identity key (``fedoap secagg-keys init``) and every participant, the server included, gets the
+    roster of their public keys (``fedoap secagg-keys roster``). Existing identities are replaced.
+
+    Returns:
+        participant name -> {file kind: path written}.
+    """
+    from fedoap.privacy.secagg_keys import init_identity, parse_entries, write_roster
+
+    prod = Path(prod)
+    written: dict[str, dict[str, str]] = {}
+    lines = []
+    for name in clients:
+        path, line = init_identity(prod / name, name, overwrite=True)
+        written[name] = {"secagg_identity": str(path)}
+        lines.append(line)
+    entries = parse_entries(lines)
+    for name in [*clients, server]:
+        written.setdefault(name, {})["secagg_roster"] = str(write_roster(prod / name, entries))
     return written
