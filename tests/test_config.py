@@ -125,6 +125,11 @@ def test_bad_training_options(options, message):
     ({"dp_delta": 1.0}, r"--dp-delta must be in \(0, 1\)"),
     ({"dp_sgd_unit": "patient"}, r"--dp-sgd-unit must be one of \['slice', 'case'\]"),
     ({"dp_update_clip": float("nan")}, "--dp-update-clip must be a finite number >= 0"),
+    ({"he": True, "secagg": True}, "give --he or --secagg, not both"),
+    ({"secagg": True, "secagg_neighbours": 3}, "--secagg-neighbours must be even"),
+    ({"secagg": True, "secagg_frac_bits": 60}, r"--secagg-frac-bits must be in \[8, 28\]"),
+    ({"secagg": True, "secagg_ring_bits": 16}, r"--secagg-ring-bits must be one of \[32, 64\]"),
+    ({"secagg_neighbours": 4}, "--secagg-neighbours, --secagg-ring-bits and --secagg-frac-bits need --secagg"),
 ])
 def test_bad_privacy_options(options, message):
     with pytest.raises(ValueError, match=message):
@@ -139,6 +144,12 @@ def test_bad_privacy_options(options, message):
     ({"method": "local", "dp_update_clip": 1.0}, "--dp-update-clip: method 'local' shares nothing"),
     ({"method": "fedrdn", "he": True}, "--he: method 'fedrdn' sends site statistics in clear"),
     ({"method": "fedprox", "dp_sgd_epsilon": 3.0}, "--dp-sgd-epsilon: method 'fedprox' adds a regularizer"),
+    ({"method": "fedawa", "secagg": True}, "--secagg: method 'fedawa' combines updates by 'fedawa', which needs "
+                                           "plaintext on the server; secure aggregation supports only linear rules"),
+    ({"method": "local", "secagg": True}, r"--secagg: method 'local' shares nothing"),
+    ({"method": "feddp", "secagg": True}, "--secagg: method 'feddp' sends site statistics in clear"),
+    ({"method": "fedavg", "secagg": True, "robust_rule": "median"}, "--robust-rule needs every update in clear on "
+                                                                   "the server; --secagg hides it"),
     ({"rounds": 3, "nope": 1}, r"unknown option\(s\) \['nope'\]"),
 ])
 def test_combinations_the_method_cannot_serve_are_refused(options, message):

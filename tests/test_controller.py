@@ -125,7 +125,7 @@ def test_constructor_arguments_are_stored_verbatim_for_the_job_export():
     import inspect
 
     args = {"num_rounds": 3, "min_clients": 2, "shared_keys": ["w"], "method": "fedawa",
-            "method_args": {"server_lr": 0.01}, "personalize": False, "he": False, "persistor_id": "p",
+            "method_args": {"server_lr": 0.01}, "personalize": False, "he": False, "secagg": None, "persistor_id": "p",
             "task_timeout": 5, "personalize_timeout": 7, "robustness": {"min_responses": 1, "max_site_weight": 1e5}}
     controller = SharedParamsFedAvg(**args)
     assert set(inspect.signature(SharedParamsFedAvg.__init__).parameters) - {"self"} == set(args)

@@ -196,16 +196,18 @@ def poc(tmp_path_factory):
         shutil.copytree(ROOT / "jobs" / "fedoap", nosuch)
         meta = json.loads((nosuch / "meta.json").read_text())
         (nosuch / "meta.json").write_text(json.dumps({**meta, "name": "nosuch_scope", "scope": "nosuch"}, indent=2))
-        # all at once (the server runs up to 4 jobs): the HE job, the plain one (asks for no DP, no scope), the bad one
+        # all at once (the server runs up to 4 jobs): the HE job, the secure aggregation job, the plain one (asks for
+        # no DP, no scope), the bad one
         ids = {name: poc.submit(job) for name, job in
-               (("fedoap_he", ROOT / "jobs" / "fedoap_he"), ("fedoap", ROOT / "jobs" / "fedoap"), ("nosuch", nosuch))}
+               (("fedoap_he", ROOT / "jobs" / "fedoap_he"), ("fedoap_secagg", ROOT / "jobs" / "fedoap_secagg"),
+                ("fedoap", ROOT / "jobs" / "fedoap"), ("nosuch", nosuch))}
         # the attacks of a job submitter without bring-your-own-code rights, and a job that brings code
         attacks = {name: _attack_job(root / "jobs", name, args) for name, args in ATTACK_JOBS.items()}
         (attacks["byoc"],) = export_jobs(root / "jobs" / "byoc", ["fedoap"], byoc=True)
         ids.update({name: poc.submit(job) for name, job in attacks.items()})
         poc.results = {name: poc.wait(job_id) for name, job_id in ids.items()}
         poc.ids = ids
-        timings["3 jobs"], tick = time.time() - tick, time.time()
+        timings["4 jobs"], tick = time.time() - tick, time.time()
         yield poc
     finally:
         stopped = poc.stop()
@@ -283,6 +285,29 @@ def test_server_holds_only_ciphertext_of_the_shared_part(poc):
             assert plaintext < record["sites"][site]["bytes_uploaded"] <= 8 * plaintext
 
 
+def test_secagg_job_masks_every_update_and_personalizes_every_site(poc):
+    """The secure aggregation job: every round's updates arrived masked (one integer vector, about the float32 bytes
+    of the shared part), the masks came off in the sum, the sites' identity keys stayed on the sites."""
+    assert poc.results["fedoap_secagg"]["status"] == "FINISHED:COMPLETED", poc.results["fedoap_secagg"]
+    server = poc.download(poc.ids["fedoap_secagg"])
+    history = json.loads((server / HISTORY_FILE).read_text())
+    assert history["secagg"] is True and history["server_rule"] == "masked_sum"
+    assert sorted(history["personalized"]) == list(SITES) and history["completed_rounds"] == JOB_TRAINING.rounds
+    net = FedOAPNet(**JOB_TRAINING.model_args())
+    plaintext = sum(net.state_dict()[k].numel() * 4 for k in net.shared_keys)
+    for record in history["rounds"]:
+        assert record["accepted"] == len(SITES) and "aggregate_refused" not in record, record
+        assert record["aggregation"]["secagg"] == {"masked": list(SITES), "unmasked_dropped": []}
+        for site in SITES:
+            assert plaintext <= record["sites"][site]["bytes_uploaded"] <= 1.1 * plaintext + 4096
+    for site in SITES:
+        identity = poc.prod / site / "local" / "secagg_identity.pem"
+        assert stat.S_IMODE(identity.stat().st_mode) == 0o600
+        assert identity.read_bytes() not in b"".join(p.read_bytes() for p in server.rglob("*") if p.is_file())
+        dice = _site_results(poc, "fedoap_secagg")[site]["metrics"]["test_dice"]
+        assert 0.0 <= dice <= 1.0
+
+
 def test_only_the_sites_hold_the_he_secret_key(poc):
     """The HE job ran on keys the sites made: no participant's startup/ holds a context, both sites hold the same
     secret (0600) in local/, and nothing the server or the coordinator's admin holds contains it."""
@@ -357,12 +382,12 @@ def test_privacy_ledger_adds_up_both_jobs_at_each_site(poc):
     policy = json.loads((ROOT / "poc_workspace" / "local" / "privacy.json").read_text())
     default = next(s for s in policy["scopes"] if s["name"] == policy["default_scope"])
     site_policy = SiteDPPolicy(**default["task_result_filters"][0]["args"])
-    for site in SITES:  # two 3-round jobs under the strict scope, charged to one ledger while running side by side
+    for site in SITES:  # three 3-round jobs under the strict scope, charged to one ledger while running side by side
         ledger = PrivacyLedger(ledger_path(poc.prod / site))
         entries = ledger.entries(scope=default["name"], unit=UNIT_SITE)
-        assert len(entries) == 6
+        assert len(entries) == 9  # the secure aggregation job's key exchange releases nothing
         spent = ledger.spent(None, UNIT_SITE, site_policy.delta)
-        assert spent == pytest.approx(update_dp_epsilon(site_policy.noise_multiplier, 6, site_policy.delta), rel=1e-6)
+        assert spent == pytest.approx(update_dp_epsilon(site_policy.noise_multiplier, 9, site_policy.delta), rel=1e-6)
         assert spent <= site_policy.total_epsilon
 
 

@@ -16,20 +16,33 @@ Part 3, the noise of one client-level release at FedOAP sizes (the CPU default's
 ``noise_values_large`` for the authors' full-size network): ``torch.randn`` from a seeded generator (the first
 version, which the server could regenerate) against :func:`~fedoap.privacy.secure_random.secure_normal`, and the
 whole ``clip_and_noise``.
+
+Part 4, secure aggregation by pairwise masks (:mod:`fedoap.privacy.secagg`) on the same payload as part 1 (FedOAP's
+shared vector, times each site's weight), one whole round with real keys for every count of ``secagg_sites``: the
+complete graph (Bonawitz et al.) and the neighbour graph (SecAgg+, ``k = 2 * ceil(log2 n)`` neighbours per site, the
+complete graph when that reaches ``n - 1``), with 0, 1 and 2 sites that mask and then drop (their vector never
+arrives, they answer no unmask request: the server rebuilds their mask keys, its costly case). Per site and round:
+bytes sent (advertisement, encrypted shares, the uint64 masked vector, the reveal) against plaintext and packed HE,
+bytes received, and seconds (advertise + share_keys + masked_input + unmask, also as a fraction of one local training
+round of part 2's plain trainer); the server's seconds (receive_keys + route_shares + add_masked + finish).
 """
 
 from __future__ import annotations
 
 import io
+import json
+import math
 import os
 import platform
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedoap.config import MethodOptions, PrivacyOptions, RunConfig, TrainingOptions
 from fedoap.data import DEFAULT_SITES, load_site
@@ -44,10 +57,11 @@ from fedoap.privacy.he import (
     encrypt_update,
     to_params,
 )
+from fedoap.privacy.secagg import SecAggConfig, SecAggError, ServerSecAgg, SiteSecAgg, dequantize
 from fedoap.privacy.secure_random import secure_normal
 from fedoap.training import LocalTrainer, TrainConfig
 
-__all__ = ["PrivacyBench", "bench_privacy"]
+__all__ = ["PrivacyBench", "bench_privacy", "secagg_rows", "secagg_neighbours"]
 
 #: the CKKS parameters NVFlare's HEBuilder provisions by default (its HE recipe encrypts each tensor separately)
 NVFLARE_HE = HEConfig(poly_modulus_degree=8192, coeff_mod_bit_sizes=(60, 40, 40), global_scale_bits=40)
@@ -64,12 +78,19 @@ class PrivacyBench:
     site: str = "brain"
     epochs: int = 2
     noise_values_large: int = 34_000_000  # about the authors' full-size FedOAP network
+    secagg_sites: tuple[int, ...] = (3, 10, 30)  # federation sizes of the secure aggregation part
+    secagg_values: int = 0  # values per masked vector; 0: FedOAP's shared vector (part 1's payload)
 
     def __post_init__(self) -> None:
         for name in ("n_sites", "epochs"):
             if getattr(self, name) < 1:
                 flag = "--sites" if name == "n_sites" else "--epochs"
                 raise ValueError(f"{flag} must be >= 1, got {getattr(self, name)}")
+        object.__setattr__(self, "secagg_sites", tuple(int(n) for n in self.secagg_sites))
+        if any(n < 2 for n in self.secagg_sites):
+            raise ValueError(f"secagg_sites must be counts >= 2, got {self.secagg_sites}")
+        if self.secagg_values < 0:
+            raise ValueError(f"secagg_values must be >= 0 (0: FedOAP's shared vector), got {self.secagg_values}")
 
     def model(self, method: str):
         """``method``'s network at the benchmark's width, seeded, with the method object."""
@@ -123,6 +144,14 @@ def _he_rows(cfg: PrivacyBench) -> list[dict[str, Any]]:
             "nvflare_per_layer_over_packed_bytes": per_layer_bytes / packed_bytes,
         })
     return rows
+
+
+def _fedoap_shared_vector(cfg: PrivacyBench) -> np.ndarray:
+    """FedOAP's shared parameters as one float64 vector (sorted keys, as the masked payload lays them out)."""
+    model, method = cfg.model("fedoap")
+    state = model.state_dict()
+    keys = sorted(method.shared_keys(model))
+    return np.concatenate([state[k].detach().cpu().double().numpy().ravel() for k in keys])
 
 
 def _images_per_s(epoch: Callable[[], Any], n_images: int, epochs: int) -> float:
@@ -210,20 +239,169 @@ def _noise_rows(cfg: PrivacyBench) -> list[dict[str, Any]]:
     return rows
 
 
+def secagg_neighbours(n_sites: int) -> int:
+    """The neighbour graph's degree for ``n`` sites: ``2 * ceil(log2 n)`` (SecAgg+ takes ``k = O(log n)``), or 0
+    (the complete graph) when that reaches ``n - 1``."""
+    k = 2 * math.ceil(math.log2(n_sites))
+    return 0 if k >= n_sites - 1 else k
+
+
+def _json_bytes(message: Any) -> int:
+    return len(json.dumps(message, separators=(",", ":")).encode("utf-8"))
+
+
+def _secagg_round(shared: np.ndarray, n_sites: int, neighbours: int, n_dropped: int, rnd: int,
+                  identities: dict[str, Ed25519PrivateKey], ring_bits: int = 32) -> dict[str, Any]:
+    """One round with real keys; the last ``n_dropped`` sites mask, then their vectors never arrive."""
+    names = sorted(identities)[:n_sites]
+    roster = {s: identities[s].public_key().public_bytes_raw() for s in names}
+    config = SecAggConfig(neighbours=neighbours, ring_bits=ring_bits)
+    job, n = "bench-privacy", shared.size
+    weights = {s: 100.0 + 10 * i for i, s in enumerate(names)}
+    scale = sum(weights.values())  # the round's common scale: the announced weights' total, as a job computes it
+    dropped_sites = set(names[n_sites - n_dropped:])
+    site_s = {s: 0.0 for s in names}
+    up = {s: 0 for s in names}
+    down = {s: 0 for s in names}
+    server = ServerSecAgg(job, rnd, roster, n, config)
+    sites, advertised = {}, {}
+    for s in names:
+        (sites[s], advertised[s]), seconds = _timed(lambda s=s: _advertise(s, identities[s], roster, job, rnd, config))
+        site_s[s] += seconds
+        up[s] += _json_bytes(advertised[s])
+    relayed, server_s = _timed(lambda: server.receive_keys(advertised))
+    shares = {}
+    for s in names:
+        down[s] += _json_bytes(relayed)
+        shares[s], seconds = _timed(lambda s=s: sites[s].share_keys(relayed))
+        site_s[s] += seconds
+        up[s] += _json_bytes(shares[s])
+    routed, seconds = _timed(lambda: server.route_shares(shares))
+    server_s += seconds
+    survivors = server.survivors
+    expected = np.zeros(n)
+    for i, s in enumerate(names):
+        # an update the size of part 1's payload, times the site's share of the scale (what a job's site sends)
+        values = (1e-2 * shared + 1e-3 * i) * (weights[s] / scale)
+        down[s] += _json_bytes({"shares": routed[s], "survivors": survivors, "scale": scale})
+        masked, seconds = _timed(lambda: sites[s].masked_input(values, routed[s], survivors,
+                                                               summands=scale / weights[s]))
+        site_s[s] += seconds
+        up[s] += masked.nbytes
+        if s in dropped_sites:
+            continue
+        expected += values
+        _, seconds = _timed(lambda: server.add_masked(s, masked))
+        server_s += seconds
+    (sent, dropped), seconds = _timed(server.unmask_request)
+    server_s += seconds
+    reveals, refused = {}, []
+    for s in sent:
+        down[s] += _json_bytes({"sent": sent, "dropped": dropped})
+        try:
+            reveals[s], seconds = _timed(lambda s=s: sites[s].unmask(sent, dropped))
+        except SecAggError:
+            refused.append(s)
+            continue
+        site_s[s] += seconds
+        up[s] += _json_bytes(reveals[s])
+    error, max_abs_error = None, None
+    try:
+        total, seconds = _timed(lambda: server.finish(reveals))
+        server_s += seconds
+        max_abs_error = float(np.max(np.abs(dequantize(total, config.frac_bits) - expected)))
+    except SecAggError as err:
+        error = str(err)
+    completed = [s for s in sent if s not in refused]  # the sites that went through every step
+    mean = (lambda d: sum(d[s] for s in completed) / len(completed)) if completed else (lambda d: None)
+    return {"ok": error is None, "error": error, "refused_unmask": len(refused), "max_abs_error": max_abs_error,
+            "threshold_min": min(len(server.holders(s)) // 2 + 1 for s in names),
+            "neighbours": len(server.holders(names[0])) - 1,
+            "site_upload_bytes": mean(up), "site_download_bytes": mean(down), "site_s": mean(site_s),
+            "site_s_max": max((site_s[s] for s in completed), default=None), "server_s": server_s}
+
+
+def _advertise(site: str, identity: Ed25519PrivateKey, roster: dict[str, bytes], job: str, rnd: int,
+               config: SecAggConfig) -> tuple[SiteSecAgg, dict[str, str]]:
+    state = SiteSecAgg(site, identity, roster, job, rnd, config)
+    return state, state.advertise()
+
+
+def secagg_rows(shared: np.ndarray, sites: Sequence[int] = (3, 10, 30), dropouts: Sequence[int] = (0, 1, 2),
+                plaintext_bytes: Optional[int] = None, he_bytes: Optional[int] = None,
+                training_round_s: Optional[float] = None, ring_bits: int = 32) -> list[dict[str, Any]]:
+    """One secure-aggregation round per federation size, graph (complete, ``k = 2 * ceil(log2 n)``) and count of
+    sites that drop after masking; bytes and seconds per site and for the server (see the module's part 4).
+
+    Args:
+        shared: the flat vector every site sends (site ``i`` sends the update ``1e-2 * shared + 1e-3 * i`` times its
+            share ``w_i / S`` of the round's scale, ``w_i = 100 + 10 i``, as a job's site does).
+        ring_bits: the ring of the masked values (32, the jobs' default: the bytes of float32; or 64).
+        plaintext_bytes, he_bytes: one site's upload in clear and under packed HE, to compare with (optional).
+        training_round_s: seconds of one local training round, to give the site's time as a fraction of it.
+    """
+    shared = np.ascontiguousarray(shared, dtype=np.float64).ravel()
+    identities = {f"site-{i:03d}": Ed25519PrivateKey.generate() for i in range(max(2, *sites))}
+    _secagg_round(shared, 2, 0, 0, 0, identities, ring_bits)  # warm-up: the first round pays first calls
+    rows, rnd = [], 0
+    for n_sites in sites:
+        k = secagg_neighbours(n_sites)
+        for graph, neighbours in (("complete", 0), ("k=2ceil(log2 n)", k)):
+            for n_dropped in dropouts:
+                rnd += 1
+                row = {"sites": n_sites, "graph": graph, "k": 2 * math.ceil(math.log2(n_sites)),
+                       "dropped": n_dropped, "values": shared.size, "ring_bits": ring_bits}
+                row.update(_secagg_round(shared, n_sites, neighbours, n_dropped, rnd, identities, ring_bits))
+                up = row["site_upload_bytes"]
+                row["site_upload_over_plaintext"] = up / plaintext_bytes if up and plaintext_bytes else None
+                row["site_upload_over_packed_he"] = up / he_bytes if up and he_bytes else None
+                row["site_s_over_training_round"] = (row["site_s"] / training_round_s
+                                                     if row["site_s"] is not None and training_round_s else None)
+                rows.append(row)
+    return rows
+
+
+def _print_secagg(rows: list[dict[str, Any]], training_round_s: Optional[float]) -> None:
+    mb = 1e6
+    values = rows[0]["values"] if rows else 0
+    print(f"\nSecure aggregation, one round ({values:,} values per site; k = 2*ceil(log2 n) neighbours, the complete "
+          "graph when k >= n-1; 'drop' sites mask, then never deliver nor answer unmask)")
+    train = f"{'x train':>8} " if training_round_s else ""
+    header = (f"{'sites':>5} {'graph':<16} {'nbrs':>4} {'drop':>4} {'up MB':>7} {'x plain':>7} {'x HE':>5} "
+              f"{'down MB':>8} {'site s':>7} {train}{'server s':>9}  note")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        def num(value, fmt):
+            return format(value, fmt) if value is not None else format("-", ">" + fmt.split(".")[0].lstrip(">"))
+
+        note = "" if r["ok"] else f"fails closed (t={r['threshold_min']})"
+        share = f"{num(r['site_s_over_training_round'], '>8.3f')} " if training_round_s else ""
+        up = r["site_upload_bytes"] / mb if r["site_upload_bytes"] is not None else None
+        down = r["site_download_bytes"] / mb if r["site_download_bytes"] is not None else None
+        print(f"{r['sites']:>5} {r['graph']:<16} {r['neighbours']:>4} {r['dropped']:>4} {num(up, '>7.2f')} "
+              f"{num(r['site_upload_over_plaintext'], '>7.2f')} {num(r['site_upload_over_packed_he'], '>5.2f')} "
+              f"{num(down, '>8.3f')} {num(r['site_s'], '>7.3f')} {share}{r['server_s']:>9.3f}  {note}")
+
+
 def bench_privacy(training: TrainingOptions, privacy: PrivacyOptions, n_sites: int = 3, epochs: int = 2,
-                  out: str | os.PathLike = "runs/bench_privacy") -> dict[str, Any]:
-    """Run the three parts, print the tables, write ``<out>/bench_privacy.json``; return the record.
+                  out: str | os.PathLike = "runs/bench_privacy", secagg_sites: Sequence[int] = (3, 10, 30),
+                  secagg_values: int = 0) -> dict[str, Any]:
+    """Run the four parts, print the tables, write ``<out>/bench_privacy.json``; return the record.
 
     Args:
         training: network width, image size, batch size, seed and threads of the measurements.
         privacy: DP-SGD's noise multiplier (``dp_sgd_noise``, > 0) and clip norm.
         n_sites: sites whose updates the server combines. epochs: timed training epochs (after one warm-up).
+        secagg_sites: federation sizes of the secure aggregation part. secagg_values: values per masked vector
+            (0: FedOAP's shared vector, part 1's payload; fewer: its first values).
     """
     from fedoap.simulation import synthetic_federation
 
     if privacy.dp_sgd_noise <= 0:
         raise ValueError(f"--dp-sgd-noise must be > 0 to measure DP-SGD, got {privacy.dp_sgd_noise}")
-    cfg = PrivacyBench(training=training, privacy=privacy, n_sites=n_sites, epochs=epochs)
+    cfg = PrivacyBench(training=training, privacy=privacy, n_sites=n_sites, epochs=epochs,
+                       secagg_sites=tuple(secagg_sites), secagg_values=secagg_values)
     threads = training.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", message="Full backward hook")  # Opacus's hooks on an input without grad
@@ -235,9 +413,21 @@ def bench_privacy(training: TrainingOptions, privacy: PrivacyOptions, n_sites: i
     he = _he_rows(cfg)
     dp = _dp_rows(cfg, data_root)
     noise = _noise_rows(cfg)
+    fedoap_he = next(r for r in he if r["method"] == "fedoap")
+    shared = _fedoap_shared_vector(cfg)
+    if cfg.secagg_values:
+        shared = np.resize(shared, cfg.secagg_values)
+    training_round_s = training.local_epochs * dp["n_train_images"] / dp["plain_images_per_s"]
+    secagg = secagg_rows(shared, cfg.secagg_sites, (0, 1, 2), plaintext_bytes=4 * shared.size,
+                         he_bytes=fedoap_he["packed_he_bytes"] * shared.size / fedoap_he["shared_values"],
+                         training_round_s=training_round_s)
     record = {"benchmark": "privacy", "cpu": platform.processor() or platform.machine(), "torch_threads": threads,
               "config": to_jsonable(asdict(cfg)), "he_one_round_per_site": he, "dp_sgd_training": dp,
-              "update_noise_seconds": noise}
+              "update_noise_seconds": noise,
+              "secagg_one_round": {"values": shared.size, "frac_bits": SecAggConfig().frac_bits, "ring_bits": 32,
+                                   "plaintext_fp32_bytes": 4 * shared.size,
+                                   "training_round_s": training_round_s, "local_epochs": training.local_epochs,
+                                   "rows": to_jsonable(secagg)}}
     write_json(out / "bench_privacy.json", record)
 
     mb = 1e6
@@ -268,5 +458,6 @@ def bench_privacy(training: TrainingOptions, privacy: PrivacyOptions, n_sites: i
     for r in noise:
         print(f"{r['values']:>12,} {r['seeded_torch_randn_s']:>13.3f} {r['secure_normal_s']:>14.3f} "
               f"{r['secure_over_randn']:>9.1f} {r['clip_and_noise_s']:>15.3f}")
+    _print_secagg(secagg, training_round_s)
     print(f"[fedoap] wrote {out / 'bench_privacy.json'}")
     return record

@@ -4,12 +4,15 @@
     fedoap generate-data DIR [--seed S] [--size S]                             write the synthetic federation
     fedoap benchmark [--methods a,b] [--seeds 0,1,2] [--preset fast|full] [--out DIR]  methods side by side, over seeds
     fedoap bench train [--out DIR]                                              images/s in the federation vs a plain loop
-    fedoap bench privacy [--out DIR]                                            HE bytes/time and DP-SGD images/s
+    fedoap bench privacy [--out DIR]                                            HE/secagg bytes, time; DP-SGD images/s
     fedoap bench scale [--sites 30] [--out DIR]                                 30 sites: s/round, peak memory
     fedoap he-keys init SITE_KIT --bundle B --public P [--passphrase-file F]     HE key ceremony: one site makes the key
     fedoap he-keys join SITE_KIT --bundle B [--passphrase-file F]                ... every other site imports it
     fedoap he-keys install-public SERVER_KIT --public P                         ... the server gets the public context
     fedoap he-keys simulation DIR  (or: fedoap he-keys DIR)                     TenSEAL contexts for a simulation
+    fedoap secagg-keys init SITE_KIT --site NAME                                secure aggregation: a site's identity
+    fedoap secagg-keys roster KIT --entry SITE=HEX ...                          ... every participant's roster
+    fedoap secagg-keys simulation DIR --sites a,b,c                             ... keys for a simulation
     fedoap export-jobs [--out jobs] [--byoc]                                    regenerate the NVFlare jobs in jobs/
     fedoap poc-configure [WORKSPACE] --data DIR [--unseen lung]                 site policies, data, HE keys into a POC
     fedoap site-configure SITE_KIT --data DIR [--unseen DIR]                    one provisioned site's policies and keys
@@ -119,13 +122,18 @@ def _bench_options(p: argparse.ArgumentParser) -> None:
     scale.add_argument("--methods", type=_csv, default=("fedoap", "fedavg"))
     add_options(scale, FederationOptions, only=("processes",))
     add_options(scale, TrainingOptions, defaults=SCALE_TRAINING)
-    priv = bench_sub.add_parser("privacy", help="HE bytes/time per round and DP-SGD images/s, side by side")
+    priv = bench_sub.add_parser("privacy", help="HE and secure aggregation bytes/time per round and DP-SGD images/s, "
+                                                "side by side")
     priv.add_argument("--out", default="runs/bench_privacy")
     priv.add_argument("--sites", type=int, default=3, help="sites whose updates the server combines")
     priv.add_argument("--epochs", type=int, default=2, help="timed training epochs (after one warm-up)")
     add_options(priv, TrainingOptions, only=("width", "image_size", "batch_size", "seed", "threads"),
                 defaults=BENCH_PRIVACY)
     add_options(priv, PrivacyOptions, only=("dp_sgd_noise", "dp_sgd_clip"), defaults={"dp_sgd_noise": 1.0})
+    priv.add_argument("--secagg-sites", type=_seeds, default=(3, 10, 30),
+                      help="federation sizes of the secure aggregation part (default 3,10,30)")
+    priv.add_argument("--secagg-values", type=int, default=0,
+                      help="values per masked vector (default 0: FedOAP's shared vector)")
 
 
 def _poc_configure_options(p: argparse.ArgumentParser) -> None:
@@ -176,6 +184,54 @@ def _he_keys_options(p: argparse.ArgumentParser) -> None:
     for k in (k_init, k_join, k_pub, k_sim):
         k.add_argument("--overwrite", action="store_true", help="replace existing key files (a new key: every site "
                                                                 "and the server must get it again)")
+
+
+def _secagg_keys_options(p: argparse.ArgumentParser) -> None:
+    key_sub = p.add_subparsers(dest="secagg_keys", required=True)
+    k_init = key_sub.add_parser("init", help="a client site: make its identity key in SITE_KIT/local (0600) and "
+                                             "print its roster line")
+    k_init.add_argument("site_kit", metavar="SITE_KIT", help="the site's workspace root (its startup kit's parent)")
+    k_init.add_argument("--site", required=True, help="the site's name in the federation (its NVFlare name)")
+    k_init.add_argument("--overwrite", action="store_true", help="replace an existing identity key")
+    k_roster = key_sub.add_parser("roster", help="every participant, the server too: install the roster of the "
+                                                 "sites' public identity keys into KIT/local")
+    k_roster.add_argument("kit", metavar="KIT", help="the participant's workspace root")
+    k_roster.add_argument("--entry", action="append", default=[], metavar="SITE=HEX",
+                          help="one site's line as 'fedoap secagg-keys init' printed it (repeat per site)")
+    k_roster.add_argument("--entries-file", default=None, metavar="FILE", help="a file of such lines, one per site")
+    k_sim = key_sub.add_parser("simulation", help="identity keys and roster for a simulated federation in DIR")
+    k_sim.add_argument("out", metavar="DIR")
+    k_sim.add_argument("--sites", type=_csv, required=True, help="comma-separated site names")
+
+
+def _secagg_keys(args: argparse.Namespace) -> None:
+    """The ``secagg-keys`` sub-commands; what each printed line says is what its admin does next."""
+    from fedoap.privacy import secagg_keys
+
+    if args.secagg_keys == "init":
+        path, line = secagg_keys.init_identity(args.site_kit, args.site, overwrite=args.overwrite)
+        public = bytes.fromhex(line.split("=", 1)[1])
+        print(f"identity key (stays at this site, 0600): {path}\nroster line: {line}\nfingerprint: "
+              f"{secagg_keys.fingerprint(public)} (the other admins compare it out of band)\nevery participant runs: "
+              f"fedoap secagg-keys roster KIT --entry LINE (one per site)")
+    elif args.secagg_keys == "roster":
+        if args.entries_file:
+            entries = secagg_keys.parse_entries(Path(args.entries_file).read_text().splitlines(),
+                                                source=args.entries_file)
+        else:
+            entries = {}
+        if args.entry:
+            entries.update(secagg_keys.parse_entries(args.entry, source="--entry"))
+        if not entries:
+            raise ValueError("secagg-keys roster: give the sites' lines with --entry SITE=HEX or --entries-file FILE")
+        path = secagg_keys.write_roster(args.kit, entries)
+        print(f"roster of {len(entries)} site(s): {path}")
+        for site, key in sorted(entries.items()):
+            print(f"  {site}: {secagg_keys.fingerprint(bytes.fromhex(key))}")
+    else:
+        folder = secagg_keys.simulation_keys(args.out, list(args.sites))
+        print(f"identity keys and roster of {len(args.sites)} site(s): {folder}\nfor a simulated federation: "
+              f"export {secagg_keys.SECAGG_DIR_ENV}={folder}")
 
 
 def _generate_data_options(p: argparse.ArgumentParser) -> None:
@@ -295,7 +351,8 @@ def _bench(args: argparse.Namespace) -> None:
         out = _writable(args.out)
         from fedoap.bench_privacy import bench_privacy
 
-        bench_privacy(training, privacy, n_sites=args.sites, epochs=args.epochs, out=out)
+        bench_privacy(training, privacy, n_sites=args.sites, epochs=args.epochs, out=out,
+                      secagg_sites=args.secagg_sites, secagg_values=args.secagg_values)
 
 
 def _generate_data(args: argparse.Namespace) -> None:
@@ -333,6 +390,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "bench": ("benchmarks (print a table, write JSON)", _bench_options, _bench),
     "he-keys": ("HE key ceremony run by the sites (init, join, install-public), so no coordinator holds the secret "
                 "key; or contexts for a simulation", _he_keys_options, _he_keys),
+    "secagg-keys": ("secure aggregation's identity keys, made by each site, and the roster of their public keys "
+                    "every participant holds; or keys for a simulation", _secagg_keys_options, _secagg_keys),
     "export-jobs": ("export the project's NVFlare jobs (FedOAP plain/DP/HE, FedAvg, FedBN, Ditto) from the recipes; "
                     "code pre-installed on sites, data from site configuration", _export_jobs_options, _export_jobs),
     "poc-configure": ("install site privacy policies, class allow-lists and data locations into a prepared NVFlare "

@@ -304,6 +304,19 @@ class PrivacyOptions:
 
     he: bool = option(False, "encrypt shared updates with TenSEAL CKKS; the server only adds ciphertexts (each site's "
                              "context from its own local/ folder, or $FEDOAP_HE_CONTEXT_DIR in simulation)")
+    secagg: bool = option(False, "secure aggregation by pairwise masks (Bonawitz et al., CCS 2017): the server learns "
+                                 "only the sum of the shared updates, and removes the masks of sites that drop out "
+                                 "with the others' key shares (each site's identity key and the roster from its own "
+                                 "local/ folder, or $FEDOAP_SECAGG_DIR in simulation)")
+    secagg_neighbours: int = option(0, "secure aggregation: mask with and share keys to this many neighbours per site "
+                                       "(SecAgg+, Bell et al., CCS 2020; even; 0: every other site)",
+                                    check=(non_negative, lambda v: None if v % 2 == 0 else "must be even"))
+    secagg_ring_bits: int = option(32, "secure aggregation: the ring Z_2^bits of the masked values (32: the bytes of "
+                                       "float32 plaintext; 64: more headroom, twice the bytes)", choices=(32, 64))
+    secagg_frac_bits: int = option(24, "secure aggregation: fraction bits of the fixed-point values (resolution "
+                                       "2^-bits of a site's share of the update; in the 32-bit ring an update "
+                                       "coordinate must stay below 2^(30-bits), 64 at 24 bits)",
+                                   check=lambda v: None if 8 <= v <= 28 else "must be in [8, 28]")
     dp_update_clip: float = option(0.0, "client-level DP: clip each site's shared update to this L2 norm (0: off)",
                                    check=non_negative)
     dp_update_noise: float = option(0.0, "client-level DP: Gaussian noise multiplier sigma (std sigma * clip)",
@@ -328,6 +341,24 @@ class PrivacyOptions:
             raise ValueError("give --dp-sgd-noise or --dp-sgd-epsilon, not both")
         if self.dp_update_noise > 0 and self.dp_update_clip == 0:
             raise ValueError("--dp-update-noise needs --dp-update-clip > 0 (noise is scaled to the clip norm)")
+        if self.he and self.secagg:
+            raise ValueError("give --he or --secagg, not both: each alone hides every site's update from the server")
+        if not self.secagg and (self.secagg_neighbours or self.secagg_frac_bits != 24 or self.secagg_ring_bits != 32):
+            raise ValueError("--secagg-neighbours, --secagg-ring-bits and --secagg-frac-bits need --secagg")
+
+    @property
+    def hides_updates(self) -> str:
+        """The flag of the protection that hides each site's update from the server ("--he", "--secagg"), or ""."""
+        return "--he" if self.he else "--secagg" if self.secagg else ""
+
+    def secagg_config(self):
+        """The secure aggregation settings (``fedoap.privacy.secagg.SecAggConfig``), or None when off."""
+        if not self.secagg:
+            return None
+        from fedoap.privacy.secagg import SecAggConfig
+
+        return SecAggConfig(frac_bits=self.secagg_frac_bits, neighbours=self.secagg_neighbours,
+                            ring_bits=self.secagg_ring_bits)
 
     @property
     def dp_sgd_on(self) -> bool:
@@ -493,25 +524,27 @@ class RunConfig:
         if not (isinstance(rule, type) and issubclass(rule, ServerRule)):
             raise ValueError(f"method {name!r}: server_rule must be a ServerRule class of fedoap.server.rules, got "
                              f"{rule!r}")
-        if privacy.he and not rule.shares:
-            raise ValueError(f"--he: method {name!r} shares nothing (server rule {rule.name!r}): there is no update "
-                             "for homomorphic encryption to protect")
-        if privacy.he and not rule.linear:
-            raise ValueError(f"--he: method {name!r} combines updates by {rule.name!r}, which needs plaintext on the "
-                             "server; homomorphic encryption supports only linear rules (a weighted sum)")
+        hidden = privacy.hides_updates  # "--he" or "--secagg": the server sees only the sum of the updates
+        what = {"--he": "homomorphic encryption", "--secagg": "secure aggregation"}.get(hidden, "")
+        if hidden and not rule.shares:
+            raise ValueError(f"{hidden}: method {name!r} shares nothing (server rule {rule.name!r}): there is no "
+                             f"update for {what} to protect")
+        if hidden and not rule.linear:
+            raise ValueError(f"{hidden}: method {name!r} combines updates by {rule.name!r}, which needs plaintext on "
+                             f"the server; {what} supports only linear rules (a weighted sum)")
         if privacy.dp_update_clip > 0 and not rule.shares:
             raise ValueError(f"--dp-update-clip: method {name!r} shares nothing: there is no update to clip and noise")
         statistics = ("sends site statistics in clear next to its update (its site_statistics), which {} of the "
                       "update would not {}")
         if method.shares_statistics and privacy.dp_update_clip > 0:
             raise ValueError(f"--dp-update-clip: method {name!r} " + statistics.format("client-level DP", "cover"))
-        if method.shares_statistics and privacy.he:
-            raise ValueError(f"--he: method {name!r} " + statistics.format("homomorphic encryption", "hide"))
+        if method.shares_statistics and hidden:
+            raise ValueError(f"{hidden}: method {name!r} " + statistics.format(what, "hide"))
         robust = self.robustness
         for flag, on in (("--robust-rule", bool(robust.robust_rule)),
                          ("--update-norm-bound", robust.update_norm_bound > 0)):
-            if on and privacy.he:
-                raise ValueError(f"{flag} needs every update in clear on the server; --he hides it")
+            if on and hidden:
+                raise ValueError(f"{flag} needs every update in clear on the server; {hidden} hides it")
             if on and rule is not WeightedMean:
                 raise ValueError(f"{flag} replaces the plain weighted mean only; method {name!r} combines updates by "
                                  f"{rule.name!r}")

@@ -161,21 +161,45 @@ def _he_context_dir(folder: Optional[Path]):
 
     if not ((folder / SERVER_CONTEXT_FILE).is_file() and (folder / CLIENT_CONTEXT_FILE).is_file()):
         write_contexts(folder)
-    previous = os.environ.get(HE_CONTEXT_DIR_ENV)
-    os.environ[HE_CONTEXT_DIR_ENV] = str(folder.resolve())
+    with _environment(HE_CONTEXT_DIR_ENV, str(folder.resolve())):
+        yield
+
+
+@contextlib.contextmanager
+def _secagg_key_dir(folder: Optional[Path], sites: Sequence[str]):
+    """For a simulated federation under secure aggregation: fresh identity keys of every site and their roster in
+    ``folder``, announced to every simulator process through ``FEDOAP_SECAGG_DIR`` (deployed sites make their own
+    key and hold the roster in their ``local/`` folder instead: ``fedoap secagg-keys``)."""
+    if folder is None:
+        yield
+        return
+    from fedoap.privacy.secagg_keys import SECAGG_DIR_ENV, simulation_keys
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    simulation_keys(folder, list(sites))
+    with _environment(SECAGG_DIR_ENV, str(folder.resolve())):
+        yield
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str):
+    """``os.environ[name] = value`` while the block runs (the simulator's processes inherit it)."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if previous is None:
-            os.environ.pop(HE_CONTEXT_DIR_ENV, None)
+            os.environ.pop(name, None)
         else:
-            os.environ[HE_CONTEXT_DIR_ENV] = previous
+            os.environ[name] = previous
 
 
 def _privacy_summary(run: RunConfig, clients: Sequence[str], history: dict[str, Any]) -> dict[str, Any]:
     """What protected the shared updates, and the epsilon each site's accountant reported after every round."""
     dp = run.privacy.enabled()
-    summary: dict[str, Any] = {"he": run.privacy.he, "dp": dp}
+    summary: dict[str, Any] = {"he": run.privacy.he, "secagg": run.privacy.secagg, "dp": dp}
     for key in ("dp_update_epsilon", "dp_sgd_epsilon", "dp_sgd_epsilon_per_case"):
         per_site = {
             site: [r["sites"][site].get(key) for r in history["rounds"] if site in r["sites"]] for site in clients
@@ -328,7 +352,9 @@ def run_simulation(run: RunConfig, federation: FederationOptions, out: str | os.
                  workspace_root=str(workspace), log_config=str(_log_config(out / "log_config.json")))
     start = time.time()
     ws = workspace / recipe.name
-    with _he_context_dir(out / "he_keys" if run.privacy.he else None), _interrupt_seen() as interrupted:
+    with _he_context_dir(out / "he_keys" if run.privacy.he else None), \
+            _secagg_key_dir(out / "secagg_keys" if run.privacy.secagg else None, sim_sites), \
+            _interrupt_seen() as interrupted:
         try:
             recipe.run(env)
         except RuntimeError as err:  # SimEnv raises on a non-zero simulator status

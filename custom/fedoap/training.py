@@ -259,6 +259,14 @@ class LocalTrainer:
             images_seen += len(idx)
         return total / max(steps, 1), steps, images_seen
 
+    def expected_weight(self) -> float:
+        """The aggregation weight :meth:`train_round` will report, known before training: the training samples, or
+        (a method that weighs by steps) the steps of full batches over ``local_epochs`` epochs, an estimate under
+        Poisson sampling. Secure aggregation scales every site's update by the total of these (a common scale)."""
+        if self.method.weight_by == "steps":
+            return float(math.ceil(len(self.train_set) / self.config.batch_size) * self.config.local_epochs)
+        return float(len(self.train_set))
+
     def train_round(self) -> dict[str, float]:
         """``local_epochs`` epochs with the method's training loss plus its regularizer (and its step scale); returns
         loss (regularizer included), steps, samples, the aggregation weight the site reports with its update

@@ -49,6 +49,9 @@ JOBS: dict[str, _Job] = {
                        "dp_update_noise": 1.0, "dp_delta": 1e-5}),
     "fedoap_he": _Job("FedOAP with homomorphic encryption of the shared update (TenSEAL CKKS; each site's context "
                       "from its own local/ folder: fedoap he-keys)", {"method": "fedoap", "he": True}),
+    "fedoap_secagg": _Job("FedOAP with secure aggregation of the shared update (pairwise masks with dropout "
+                          "recovery; each site's identity key and the roster from its own local/ folder: fedoap "
+                          "secagg-keys)", {"method": "fedoap", "secagg": True}),
     "fedavg": _Job("FedAvg baseline (every parameter shared), personalized by the same fine-tuning",
                    {"method": "fedavg"}),
     "fedbn": _Job("FedBN baseline (normalization layers stay local)", {"method": "fedbn"}),

@@ -99,7 +99,9 @@ class FedOAPRecipe(FedAvgRecipe):
             :class:`~fedoap.site.executor.FedOAPExecutor` runs the client script.
 
     With ``config.privacy.he`` each site's context file is its own configuration (``local/``, from the sites' key
-    ceremony ``fedoap he-keys``, or ``$FEDOAP_HE_CONTEXT_DIR`` in simulation).
+    ceremony ``fedoap he-keys``, or ``$FEDOAP_HE_CONTEXT_DIR`` in simulation); with ``config.privacy.secagg`` so are
+    each site's identity key and every participant's roster of identity keys (``fedoap secagg-keys``, or
+    ``$FEDOAP_SECAGG_DIR`` in simulation).
 
     Attributes:
         network: the initial network (seeded with ``config.training.seed``), built once.
@@ -167,6 +169,7 @@ class FedOAPRecipe(FedAvgRecipe):
             method_args=dict(self.config.method.args) or None,
             personalize=self.personalize,
             he=self.config.privacy.he,
+            secagg=dataclasses.asdict(self.config.privacy.secagg_config()) if self.config.privacy.secagg else None,
             persistor_id=persistor_id,
             task_timeout=train_timeout,
             personalize_timeout=personalize_timeout,

@@ -16,7 +16,8 @@ its step count for a method that weighs by steps, FedGS), or else its sample cou
 How the shared parameters are combined is not the workflow's business: the method names a rule class
 (``fedoap.server.rules``: weighted mean, FedNova, FedAWA, FedLWS, or the null rule of a method that shares nothing),
 :func:`fedoap.server.rules.rule_for_job` builds the one rule object that serves the job (under HE the encrypted sum,
-for a linear rule only), and every round goes through the same protocol: ``reset`` with the broadcast, ``add`` per
+under secure aggregation the masked sum, whose key exchange this workflow relays before every round; for a linear
+rule only), and every round goes through the same protocol: ``reset`` with the broadcast, ``add`` per
 site, ``result`` when something was accepted, ``summary`` into the history. With the null rule the rounds still pace
 the sites' training and collect their metrics, but the server broadcasts an empty parameter set and saves no
 checkpoint.
@@ -39,9 +40,10 @@ from nvflare.app_common.workflows.model_controller import ModelController
 from fedoap.checks import is_finite_number
 from fedoap.jsonio import write_json
 from fedoap.methods import get_method
-from fedoap.protocol import (HISTORY_FILE, PERSONALIZE_TASK,
-                             TRAIN_TASK)
+from fedoap.protocol import (AGGREGATION_WEIGHT_KEY, HISTORY_FILE, PERSONALIZE_TASK, SECAGG_ADVERTISE_TASK, SECAGG_KEY,
+                             SECAGG_REFUSED_KEY, SECAGG_SHARE_TASK, SECAGG_UNMASK_TASK, TRAIN_TASK)
 from fedoap.config import RobustnessOptions
+from fedoap.privacy.secagg import SecAggConfig, SecAggError, ServerSecAgg, check_message
 from fedoap.resume import SERVER_STATE_FILE, previous_run_dir
 from fedoap.server.intake import RoundIntake
 from fedoap.server.rules import ServerRule, check_rule, rule_for_job
@@ -101,6 +103,26 @@ def load_encrypted_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return {"round": int(meta["round"]), "encrypted_shared": arrays}
 
 
+#: the longest one key-exchange step of secure aggregation waits for the sites (seconds)
+SECAGG_STEP_TIMEOUT = 120.0
+
+
+def _secagg_config(secagg: Optional[Mapping[str, Any]]) -> Any:
+    """The controller's ``secagg`` argument as ``fedoap.privacy.secagg.SecAggConfig`` (None: off).
+
+    Raises:
+        ValueError: not a dict of its fields, or a value it refuses.
+    """
+    if secagg is None:
+        return None
+    if not isinstance(secagg, Mapping):
+        raise ValueError(f"secagg must be a dict of SecAggConfig fields or None, got {type(secagg).__name__}")
+    try:
+        return SecAggConfig(**secagg)
+    except TypeError as err:
+        raise ValueError(f"secagg: {err}") from None
+
+
 class SharedParamsFedAvg(ModelController):
     """Rounds of broadcast, local training and aggregation over an explicit list of shared parameters, then
     personalization; how the updates combine is the method's server rule (``fedoap.server.rules``).
@@ -118,6 +140,12 @@ class SharedParamsFedAvg(ModelController):
             rule only); the server only adds them with its TenSEAL context (no secret key, found in its ``local/``
             folder, from the sites' key ceremony, or ``$FEDOAP_HE_CONTEXT_DIR``), broadcasts the encrypted sum and
             saves only ciphertext for the shared part (``ENCRYPTED_CHECKPOINT``).
+        secagg: secure aggregation (the fields of ``fedoap.privacy.secagg.SecAggConfig``, e.g. ``{"frac_bits": 24,
+            "neighbours": 0}``; None: off): before every round the sites exchange fresh keys signed by their identity
+            keys (tasks ``secagg_advertise`` and ``secagg_share``, relayed here; the roster of identity keys from the
+            server's ``local/`` folder or ``$FEDOAP_SECAGG_DIR``), train and send masked updates, and after it the
+            sites still there reveal the shares that remove the masks (``secagg_unmask``); the server learns the sum
+            only (:class:`fedoap.server.rules.MaskedSum`, a linear rule only).
         persistor_id: id of the persistor component that holds the global checkpoint.
         task_timeout: seconds a round waits for its sites (0: no limit); a site that has not answered by then, or
             that NVFlare finds dead or failed, has dropped out of the round. personalize_timeout: the same for the
@@ -145,6 +173,7 @@ class SharedParamsFedAvg(ModelController):
         method_args: Optional[dict[str, Any]] = None,
         personalize: bool = True,
         he: bool = False,
+        secagg: Optional[dict[str, Any]] = None,
         persistor_id: str = "persistor",
         task_timeout: float = 0,
         personalize_timeout: float = 0,
@@ -166,7 +195,11 @@ class SharedParamsFedAvg(ModelController):
         self._rule: type[ServerRule] = fl_method.server_rule
         self._rule_args = fl_method.server_rule_args()
         self._robustness = RobustnessOptions(**(robustness or {}))
-        check_rule(self._rule, self._rule_args, shared_keys, he, **self._robustness.rule_options())
+        if he and secagg is not None:
+            raise ValueError("he and secagg both hide the updates: choose one")
+        self._secagg_config = _secagg_config(secagg)
+        check_rule(self._rule, self._rule_args, shared_keys, he or secagg is not None,
+                   **self._robustness.rule_options())
         self.num_rounds = num_rounds
         self.min_clients = min_clients
         self.shared_keys = shared_keys
@@ -174,6 +207,7 @@ class SharedParamsFedAvg(ModelController):
         self.method_args = method_args
         self.personalize = personalize
         self.he = he
+        self.secagg = secagg
         self.persistor_id = persistor_id
         self.task_timeout = task_timeout
         self.personalize_timeout = personalize_timeout
@@ -208,13 +242,15 @@ class SharedParamsFedAvg(ModelController):
         initial_shared = {k: model.params[k] for k in self.shared_keys}
         try:
             rule = self._job_rule(initial_shared)
+            self._roster = self._secagg_roster() if self._secagg_config is not None else {}
             resumed = self._resume_state(initial_shared)
         except (FileNotFoundError, ValueError) as err:
             self.panic(str(err))
             return
         # Round 0 broadcasts the public initialization in clear; with HE every later broadcast is the encrypted sum.
         broadcast, first_round = initial_shared, 0
-        self._history = {"method": self.method, "server_rule": rule.name, "he": self.he, "rounds": [],
+        self._history = {"method": self.method, "server_rule": rule.name, "he": self.he,
+                         "secagg": self.secagg is not None, "rounds": [],
                          "personalized": {}, "n_shared_keys": len(self.shared_keys), "status": "running",
                          "completed_rounds": 0, "min_responses": None}
         if resumed is not None:
@@ -231,12 +267,25 @@ class SharedParamsFedAvg(ModelController):
         targets = [c.name if hasattr(c, "name") else c for c in clients]
         needed = self._robustness.responses_needed(len(targets))
         self._history["min_responses"] = needed
+        unknown = sorted(set(targets) - set(self._roster)) if self._secagg_config is not None else []
+        if unknown:
+            self.panic(f"secure aggregation: the server's roster of identity keys has no key for {unknown}")
+            return
         for rnd in range(first_round, self.num_rounds):
             round_start = time.time()
+            meta, round_targets, dropped = self._task_meta(), targets, {}
+            if self._secagg_config is not None:  # the round's key exchange, before anyone trains
+                exchange = self._secagg_exchange(rnd, targets, rule)
+                round_targets, dropped = exchange["survivors"], exchange["dropped"]
+                meta[SECAGG_KEY] = exchange["message"]
+                if len(round_targets) < needed:
+                    self._history["wall_time_s"] = base_wall + time.time() - start
+                    self._stop(rnd, len(round_targets), needed, dropped)
+                    return
             task = FLModel(params=broadcast, params_type=ParamsType.FULL, current_round=rnd, total_rounds=self.num_rounds,
-                           meta=self._task_meta())
-            results = self._send(TRAIN_TASK, task, targets, self.task_timeout)
-            dropped = self._dropped(targets, results, self.task_timeout)
+                           meta=meta)
+            results = self._send(TRAIN_TASK, task, round_targets, self.task_timeout)
+            dropped.update(self._dropped(round_targets, results, self.task_timeout))
             for site, why in dropped.items():
                 self._warn(f"round {rnd + 1}: {site} dropped out of the round: {why}")
             if len(results) < needed:
@@ -304,7 +353,8 @@ class SharedParamsFedAvg(ModelController):
     def _state_identity(self) -> dict[str, Any]:
         """What a saved state must match to be resumed by this job."""
         return {"method": self.method, "method_args": self.method_args or {}, "num_rounds": self.num_rounds,
-                "he": self.he, "shared_keys": list(self.shared_keys)}
+                "he": self.he, "shared_keys": list(self.shared_keys),
+                **({"secagg": dict(self.secagg)} if self.secagg is not None else {})}
 
     def _save_state(self, rnd: int, broadcast: Mapping[str, Any], rule: ServerRule) -> None:
         """The workflow's state after round ``rnd`` (the global shared parameters, or under HE the ciphertext only;
@@ -356,6 +406,101 @@ class SharedParamsFedAvg(ModelController):
                 broadcast[key] = torch.as_tensor(arrays[key]).to(torch.as_tensor(value).dtype)
         return {**state, "broadcast": broadcast, "path": str(path)}
 
+    # -- secure aggregation ----------------------------------------------------------------------------------------------
+    def _secagg_exchange(self, rnd: int, targets: list[str], rule: ServerRule) -> dict[str, Any]:
+        """Round ``rnd``'s key exchange (``fedoap.privacy.secagg``): the sites' signed round keys in, checked against
+        the roster and relayed; their key shares, encrypted to each holder, in and relayed. Binds the round to the
+        masked sum (:meth:`fedoap.server.rules.MaskedSum.begin`).
+
+        Returns:
+            ``{"survivors": the sites that completed it (they train), "dropped": {site: why} for the others,
+            "message": what the training task carries (survivors, the shares by recipient)}``.
+        """
+        timeout = self._secagg_step_timeout()
+        exchange = ServerSecAgg(str(self.fl_ctx.get_job_id()), rnd, self._roster, rule.n_values,
+                                self._secagg_config)
+        dropped: dict[str, str] = {}
+        answers = self._secagg_messages(rnd, SECAGG_ADVERTISE_TASK, "advertise", {}, targets, timeout, dropped)
+        announced = {}  # the weight each site expects to claim: their total is the round's common scale
+        for site, meta in answers.items():
+            weight = meta.get(AGGREGATION_WEIGHT_KEY)
+            if is_finite_number(weight) and 0 < weight <= self._robustness.max_site_weight:
+                announced[site] = float(weight)
+            else:
+                dropped[site] = f"announced aggregation weight {weight!r} is not a number in (0, max_site_weight]"
+        try:
+            verified = exchange.receive_keys({site: answers[site][SECAGG_KEY] for site in announced})
+            for site, why in exchange.rejected.items():
+                dropped[site] = f"its round keys were refused: {why}"
+            shares = self._secagg_messages(rnd, SECAGG_SHARE_TASK, "shares", {"advertised": dict(verified)},
+                                           sorted(verified), timeout, dropped)
+            routed = exchange.route_shares({site: meta[SECAGG_KEY] for site, meta in shares.items()})
+            survivors = sorted(exchange.survivors)
+        except SecAggError as err:  # fewer than two sites left: no round can be masked
+            self._warn(f"round {rnd + 1}: secure aggregation: {err}")
+            shares, routed, survivors = {}, {}, []
+            for site in targets:
+                dropped.setdefault(site, f"secure aggregation: {err}")
+        for site in shares:
+            if site not in survivors:
+                dropped.setdefault(site, "its key shares were incomplete or malformed")
+        self._progress(f"round {rnd + 1}/{self.num_rounds}: secure aggregation keys exchanged, {len(survivors)} "
+                       f"site(s) train")
+
+        def unmask(sent: Any, gone: Any) -> dict[str, Any]:
+            reveals = self._secagg_messages(rnd, SECAGG_UNMASK_TASK, "reveal",
+                                            {"sent": list(sent), "dropped": list(gone)}, list(sent), timeout, {})
+            return {site: meta[SECAGG_KEY] for site, meta in reveals.items()}
+
+        scale = math.fsum(announced[site] for site in survivors) if survivors else 1.0
+        rule.begin(exchange, unmask, scale)
+        return {"survivors": survivors, "dropped": dropped,
+                "message": {"survivors": survivors, "scale": scale,
+                            "shares": {site: dict(v) for site, v in routed.items()}}}
+
+    def _secagg_messages(self, rnd: int, task_name: str, kind: str, message: dict[str, Any], targets: list[str],
+                         timeout: float, dropped: dict[str, str]) -> dict[str, Any]:
+        """Send one protocol step to ``targets``; the meta of the answers whose message is well formed, by site (the
+        others are recorded in ``dropped`` with why)."""
+        if not targets:
+            return {}
+        task = FLModel(params={}, params_type=ParamsType.FULL, current_round=rnd, total_rounds=self.num_rounds,
+                       meta={SECAGG_KEY: message})
+        results = self._send(task_name, task, targets, timeout)
+        got: dict[str, Any] = {}
+        for result in results:
+            meta = result.meta or {}
+            site = meta.get("client_name")
+            if site not in targets or site in got:
+                continue
+            refused = meta.get(SECAGG_REFUSED_KEY)
+            if refused is not None:
+                dropped[site] = f"{task_name}: refused: {str(refused)[:500]}"
+                self._warn(f"round {rnd + 1}: {site} refused {task_name}: {str(refused)[:500]}")
+                continue
+            msg = meta.get(SECAGG_KEY)
+            problem = check_message(kind, msg)
+            if problem:
+                dropped[site] = f"{task_name}: malformed message: {problem}"
+                self._warn(f"round {rnd + 1}: {site}: {task_name}: malformed message: {problem}")
+                continue
+            got[site] = meta
+        for site in targets:
+            if site not in got and site not in dropped:
+                dropped[site] = f"no answer to {task_name} (timed out, failed or disconnected)"
+        return got
+
+    def _secagg_step_timeout(self) -> float:
+        """Seconds one key-exchange step waits: the round timeout when shorter than two minutes, else two minutes
+        (a step is a few milliseconds of work; the rest is NVFlare's task polling)."""
+        return min(self.task_timeout, SECAGG_STEP_TIMEOUT) if self.task_timeout > 0 else SECAGG_STEP_TIMEOUT
+
+    def _secagg_roster(self) -> dict[str, bytes]:
+        """Every site's public identity key, from the server's ``local/`` folder (or ``$FEDOAP_SECAGG_DIR``)."""
+        from fedoap.privacy.secagg_keys import load_roster
+
+        return load_roster(self.fl_ctx.get_engine().get_workspace().get_root_dir())
+
     def _task_meta(self) -> dict[str, Any]:
         """What every task carries besides the parameters: the latest statistics of the sites, for a method that
         uses them (``RoundIntake.task_meta``)."""
@@ -370,7 +515,7 @@ class SharedParamsFedAvg(ModelController):
             ValueError: a context that holds a secret key, or a reference the rule cannot take.
         """
         return rule_for_job(self._rule, self._rule_args, initial_shared, self._he_context() if self.he else None,
-                            **self._robustness.rule_options())
+                            secagg=self._secagg_config, **self._robustness.rule_options())
 
     def _he_context(self) -> Any:
         """The server's TenSEAL context (no secret key: the server only adds ciphertexts)."""

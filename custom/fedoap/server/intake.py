@@ -6,14 +6,15 @@ weight, its sample and step counts and (FedRDN, FedDP) statistics of its data. A
 :class:`RoundIntake` reads one round's results in three passes:
 
 1. each result alone: the parameters are a dict of tensors or arrays of a real numeric dtype (the shared ones with
-   the shared shapes and finite values, or under HE the transport arrays of ``fedoap.privacy.he``); the metrics are
+   the shared shapes and finite values, or under HE the transport arrays of ``fedoap.privacy.he``, under secure
+   aggregation the one masked vector of ``fedoap.privacy.secagg_payload``); the metrics are
    numbers, None, or short strings for the few keys that are text (:data:`STRING_METRICS`), under short printable
    names that are not the server's own fields (:data:`SERVER_FIELDS`); the weight, sample and step counts are
    numbers in range (weight and samples at most ``max_site_weight``, steps whole and at most ``max_site_steps``).
    Anything else rejects the site for the round;
 2. the claims against each other: a weight above ``weight_median_multiple`` (k) times the median of the *other*
-   valid sites' claims is clipped to that bound (recorded as ``weight_clipped``), or, under HE, where the weight is
-   inside the ciphertext, rejected; a rule that computes with the step count (FedNova) rejects steps outside
+   valid sites' claims is clipped to that bound (recorded as ``weight_clipped``), or, under HE or secure aggregation,
+   where the weight is inside the ciphertext or the masked vector, rejected; a rule that computes with the step count (FedNova) rejects steps outside
    ``[m / k, k m]``, ``m`` the median of the sites' step counts (of the other site's, with two sites: see
    :meth:`RoundIntake._bound_claims`). With one valid site there is nothing to compare with;
 3. the rule: every surviving update goes to the rule's ``add``; whatever it raises (its own rejection or an
@@ -229,10 +230,11 @@ def _all_finite(value: Any) -> bool:
     return value.dtype.kind != "f" or bool(np.isfinite(value).all())
 
 
-def checked_params(params: Any, shapes: Mapping[str, tuple[int, ...]], encrypted: bool) -> dict[str, Any]:
+def checked_params(params: Any, shapes: Mapping[str, tuple[int, ...]], encrypted: bool,
+                   masked: bool = False) -> dict[str, Any]:
     """The parameters of one result, checked: a dict of str to dense tensors or arrays of a real dtype; in clear,
     every shared key (``shapes``) present with its shape and finite values (other keys are left for the rule to
-    drop); under HE the rule reads the transport arrays.
+    drop); under HE (``encrypted``) or secure aggregation (``masked``) the rule reads the transport arrays.
 
     Raises:
         _Malformed: the first problem, naming the key.
@@ -248,12 +250,14 @@ def checked_params(params: Any, shapes: Mapping[str, tuple[int, ...]], encrypted
         problem = _array_problem(value)
         if problem:
             raise _Malformed(f"parameter {key!r} is {problem}")
-        if not encrypted and key in shapes:
+        if not (encrypted or masked) and key in shapes:
             if tuple(value.shape) != tuple(shapes[key]):
                 raise _Malformed(f"{key!r} has shape {tuple(value.shape)}, expected {tuple(shapes[key])}")
             if not _all_finite(value):
                 raise _Malformed(f"{key!r} contains NaN or Inf")
-    if not encrypted:
+    if masked:
+        pass  # the masked sum reads its one vector (fedoap.privacy.secagg_payload) and rejects anything else
+    elif not encrypted:
         missing = sorted(k for k in shapes if k not in params)
         if missing:
             raise _Malformed(f"update lacks {len(missing)} shared parameter(s), e.g. {missing[0]!r}")
@@ -475,7 +479,8 @@ class RoundIntake:
             weight, samples, steps = self._checked_counts(meta, rule)
             entry.update({NUM_SAMPLES_KEY: samples, "steps": steps, AGGREGATION_WEIGHT_KEY: weight})
             entry.update(checked_metrics(getattr(result, "metrics", None)))  # refuses the server's field names
-            checked = checked_params(params, rule.shapes, rule.encrypted)
+            checked = checked_params(params, rule.shapes, rule.encrypted,
+                                     masked=rule.hides_updates and not rule.encrypted)
         except _Malformed as err:
             self._reject(rnd, site, entry, f"{site}: {err}")
             return None
@@ -554,7 +559,7 @@ class RoundIntake:
                 if claim.weight > bound:
                     why = (f"claimed weight {claim.weight:g} is above {k:g} x the median of the other sites' claims "
                            f"({bound:g})")
-                    if rule.encrypted:  # the weight is inside the ciphertext: it cannot be clipped
+                    if rule.hides_updates:  # the weight is inside the ciphertext or masked vector: no clipping
                         self._reject(rnd, claim.site, claim.entry, f"{claim.site}: {why}")
                         continue
                     claim.entry["weight_clipped"] = why

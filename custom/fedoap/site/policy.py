@@ -45,7 +45,8 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.fl_exception import UnsafeJobError
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable
 
-from fedoap.protocol import DP_STAMP_KEY, SITE_DP_BUDGET_KEY, SITE_DP_POLICY_KEY, SITE_STATISTICS_KEY
+from fedoap.protocol import (DP_STAMP_KEY, SECAGG_ADVERTISE_TASK, SECAGG_KEY, SECAGG_SHARE_TASK, SECAGG_UNMASK_TASK,
+                             SITE_DP_BUDGET_KEY, SITE_DP_POLICY_KEY, SITE_STATISTICS_KEY)
 from fedoap.privacy.dp import UpdateDPConfig
 from fedoap.privacy.ledger import (
     DP_SGD_UNITS,
@@ -57,6 +58,9 @@ from fedoap.privacy.ledger import (
     Release,
     ledger_path,
 )
+
+#: the kind of secure aggregation message (``fedoap.privacy.secagg.check_message``) each protocol step replies with
+_SECAGG_KINDS = {SECAGG_ADVERTISE_TASK: "advertise", SECAGG_SHARE_TASK: "shares", SECAGG_UNMASK_TASK: "reveal"}
 
 __all__ = ["SiteDPPolicy", "policy_from_meta", "budget_from_meta", "check_stamp", "stamp_releases"]
 
@@ -309,6 +313,8 @@ class SiteDPPolicy(Filter):
         if dxo.get_meta_prop(SITE_STATISTICS_KEY) is not None and not self.allow_statistics:
             raise UnsafeJobError("site DP policy: the result carries site statistics in clear, which client-level DP "
                                  "does not cover; refusing to release it")
+        if dxo.get_meta_prop(SECAGG_KEY) is not None:
+            self._check_secagg(dxo, fl_ctx)
         if dxo.data_kind == DataKind.METRICS or not dxo.data:
             return shareable  # nothing shared: metrics only, or an empty parameter set
         stamp = dxo.get_meta_prop(DP_STAMP_KEY)
@@ -319,6 +325,23 @@ class SiteDPPolicy(Filter):
         self.log_info(fl_ctx, f"site DP policy satisfied: {stamp}"
                       + (f"; epsilon spent on this site at delta {self.delta}: {spent}" if spent else ""))
         return shareable
+
+    @staticmethod
+    def _check_secagg(dxo: Any, fl_ctx: FLContext) -> None:
+        """A secure aggregation message may leave only as the reply to its own protocol step, without parameters, and
+        only as key material of the protocol's form (``fedoap.privacy.secagg.check_message``): nothing computed from
+        the site's data travels that way around the DP filter."""
+        from fedoap.privacy.secagg import check_message
+
+        task = fl_ctx.get_prop(FLContextKey.TASK_NAME, "") or ""
+        kind = _SECAGG_KINDS.get(task)
+        if kind is None or dxo.data:
+            raise UnsafeJobError(f"site DP policy: a secure aggregation message in the result of task {task!r}"
+                                 f"{' with parameters' if dxo.data else ''}; refusing to release it")
+        problem = check_message(kind, dxo.get_meta_prop(SECAGG_KEY))
+        if problem:
+            raise UnsafeJobError(f"site DP policy: the secure aggregation message of task {task!r} is not key "
+                                 f"material of the protocol's form ({problem}); refusing to release it")
 
     @staticmethod
     def _check_error_reply(shareable: Shareable, return_code: str) -> Shareable:

@@ -1,8 +1,9 @@
 """What a site does to its shared parameters at the site boundary: on the way out, client-level DP (clip the update
-and add Gaussian noise) and then homomorphic encryption; on the way in, decryption of the server's encrypted sum.
+and add Gaussian noise) and then homomorphic encryption or secure aggregation's masks; on the way in, decryption of
+the server's encrypted sum.
 
-The order is fixed here, in one place: noise is always added to plaintext before encryption (never to ciphertext),
-and only the shared parameters the trainer hands over are ever encoded.
+The order is fixed here, in one place: noise is always added to plaintext before encryption or masking (never to
+ciphertext or a masked vector), and only the shared parameters the trainer hands over are ever encoded.
 
 A site may impose client-level DP on every job through its NVFlare privacy policy
 (``fedoap.site.policy.SiteDPPolicy``): the policy arrives in the task's meta, :func:`stricter` combines it with the
@@ -13,7 +14,7 @@ policy's result filter checks before anything leaves the site.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -140,7 +141,8 @@ class SitePrivacy:
         return clear
 
     def outgoing(
-        self, shared: Mapping[str, torch.Tensor], global_shared: Mapping[str, Any], weight: float
+        self, shared: Mapping[str, torch.Tensor], global_shared: Mapping[str, Any], weight: float,
+        masker: Optional[Callable[[np.ndarray], np.ndarray]] = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """The payload that leaves the site, and metrics about what was done to it.
 
@@ -148,6 +150,10 @@ class SitePrivacy:
             shared: the site's shared parameters after local training.
             global_shared: the global shared parameters this round started from (plaintext).
             weight: the site's aggregation weight (number of training samples).
+            masker: under secure aggregation, the round's masking (``SiteSecAgg.masked_input`` with the round's
+                shares, survivors and common scale bound): it takes ``weight *`` the (noised) update, the shared
+                parameters minus the round's global ones, as one float64 vector (``fedoap.privacy.secagg_payload``)
+                and returns the masked vector that is sent.
 
         A method that shares nothing (local-only training) releases nothing: the payload stays empty, no noise is
         drawn and no privacy is spent.
@@ -169,4 +175,10 @@ class SitePrivacy:
 
             encrypted = to_params(encrypt_update(payload, weight, self.he_context))
             payload = {k: torch.from_numpy(v) for k, v in encrypted.items()}
+        elif masker is not None:
+            from fedoap.privacy import secagg_payload
+
+            update = secagg_payload.flatten(payload) - secagg_payload.flatten(
+                {k: _as_tensor(global_shared[k]) for k in payload})
+            payload = secagg_payload.to_params(masker(update * float(weight)))
         return payload, metrics

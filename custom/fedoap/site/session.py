@@ -10,7 +10,11 @@ optimizer state, DP accountant and data stay in memory across rounds) and answer
 - ``personalize``: load the final shared parameters, fine-tune every parameter with the method's fine-tuning loss
   (PBL for FedOAP), keep the best epoch on the validation split, evaluate on the test split and on the unseen organ,
   write the site's detailed results into its workspace (owner-only, encrypted under its at-rest key), and reply with
-  metrics only.
+  metrics only;
+- ``secagg_advertise``, ``secagg_share``, ``secagg_unmask`` (secure aggregation, ``fedoap.privacy.secagg``): the
+  round's key exchange before training and the reveal after it, key material only; a ``train`` reply is then the
+  masked update. A step the protocol refuses (a swapped key, a server that skips the exchange or asks to unmask one
+  site) is an empty reply saying why: the site releases nothing that round and stays in the job.
 
 After every train round the session saves the site's local state (``fedoap.site.checkpoint``: the trainer's model,
 optimizer, generators and DP accountants, the method's own state) into its results folder; the first task of a job
@@ -40,7 +44,9 @@ from fedoap.eval.metrics import EMPTY_MASK_RULE, summarize
 from fedoap.methods.centralized import pool_sites
 from fedoap.privacy.at_rest import find_site_key, make_private_dir
 from fedoap.privacy.dp import UpdateDPConfig
+from fedoap.privacy.secagg import SecAggError, SiteSecAgg
 from fedoap.protocol import (AGGREGATION_WEIGHT_KEY, DP_STAMP_KEY, NUM_SAMPLES_KEY, NUM_STEPS_KEY, PERSONALIZE_TASK,
+                             SECAGG_ADVERTISE_TASK, SECAGG_KEY, SECAGG_REFUSED_KEY, SECAGG_SHARE_TASK, SECAGG_TASKS,
                              SITE_STATISTICS_KEY)
 from fedoap.resume import previous_run_dir
 from fedoap.site.checkpoint import (global_rng_state, load_site_state, save_site_state, saved_rounds,
@@ -140,6 +146,9 @@ class SiteSession:
         self.trainer = LocalTrainer(model, self.method, self.data.train, self.data.val, self.train_config, dp=dp)
         self.privacy: Optional[SitePrivacy] = None  # built with the first task, which carries the site's DP policy
         self.out_dir = make_private_dir(self.workspace / job_id / SITE_RESULTS_DIR)
+        self.job_id = job_id
+        self._secagg_keys = self._secagg_identity()  # a missing key or roster fails here, before any training
+        self._secagg: Optional[SiteSecAgg] = None  # the round's protocol state
         self._resume_pending = bool(config.robustness.resume_from)  # a resumed job loads its state at its first task
 
     @property
@@ -170,6 +179,8 @@ class SiteSession:
             else:
                 self.resume(int(current_round))
             self._resume_pending = False
+        if task_name in SECAGG_TASKS:  # key material only: no parameters in, none out
+            return self._refusing(lambda: self.secagg_step(task_name, meta, current_round))
         global_shared = self.privacy.incoming(params or {})
         self.trainer.load_shared(global_shared)
         statistics = meta.get(SITE_STATISTICS_KEY)
@@ -180,7 +191,7 @@ class SiteSession:
             for saved in saved_rounds(self.out_dir):  # the job is over: nothing left to resume
                 state_path(self.out_dir, saved).unlink(missing_ok=True)
             return reply
-        reply = self.train_round(global_shared, meta)
+        reply = self._refusing(lambda: self.train_round(global_shared, meta, current_round))
         if current_round is not None:
             save_site_state(self.out_dir, int(current_round), self.state(), key=self.at_rest_key)
         return reply
@@ -262,9 +273,12 @@ class SiteSession:
         return found[0] if found is not None else None
 
     # -- tasks ---------------------------------------------------------------------------------------------------------
-    def train_round(self, global_shared: Mapping[str, Any], task_meta: Mapping[str, Any]) -> Reply:
-        """One federated round: train, evaluate, release the shared update with its stamp and weight."""
+    def train_round(self, global_shared: Mapping[str, Any], task_meta: Mapping[str, Any],
+                    rnd: Optional[int] = None) -> Reply:
+        """One federated round (``rnd``, the task's round, if known): train, evaluate, release the shared update with
+        its stamp and weight (masked under secure aggregation, with that round's key exchange)."""
         trainer, data = self.trainer, self.data
+        exchange = self._round_exchange(task_meta, rnd)  # refused before training: nothing is trained for nothing
         stats = trainer.train_round()
         val = summarize(trainer.evaluate(data.val))
         # the round's model on the test split too: FL-MedSegBench's protocol score is the test Dice at the best
@@ -275,7 +289,8 @@ class SiteSession:
             per_site.update({f"val_dice/{d.name}": summarize(trainer.evaluate(d.val))["dice"],
                              f"test_dice/{d.name}": summarize(trainer.evaluate(d.test))["dice"]})
         weight = stats["aggregation_weight"]  # training samples; steps for a method that weights by steps (FedGS)
-        payload, privacy_metrics = self.privacy.outgoing(trainer.shared_params(), global_shared, weight)
+        payload, privacy_metrics = self.privacy.outgoing(trainer.shared_params(), global_shared, weight,
+                                                         masker=self._masker(exchange, weight) if exchange else None)
         meta = {NUM_STEPS_KEY: stats["steps"], NUM_SAMPLES_KEY: stats["n_samples"], AGGREGATION_WEIGHT_KEY: weight}
         # DP-SGD's accounting, without the largest case's slice count (a fact about the training data)
         dp_sgd_stats = {k: v for k, v in stats.get("privacy", {}).items() if k != "max_slices_per_case"}
@@ -293,6 +308,109 @@ class SiteSession:
                        if isinstance(state, dict)}
         return Reply(params=payload, meta=meta,
                      metrics={**public_metrics(metrics, self.private), **dp_sgd_stats, **privacy_metrics, **budget_left})
+
+    # -- secure aggregation ----------------------------------------------------------------------------------------------
+    def _secagg_identity(self) -> Optional[tuple[Any, dict[str, bytes]]]:
+        """The site's identity key and the roster of every site's public identity key (``local/``, or
+        ``$FEDOAP_SECAGG_DIR`` in simulation), under secure aggregation; None without it.
+
+        Raises:
+            ValueError: a missing or unsafe key file, a roster without this site or with another key for it.
+        """
+        if not self.config.privacy.secagg:
+            return None
+        from fedoap.privacy.secagg_keys import check_roster_has, load_identity, load_roster
+
+        identity, roster = load_identity(self.workspace, self.site), load_roster(self.workspace)
+        check_roster_has(roster, [self.site], own=(self.site, identity))
+        return identity, roster
+
+    def secagg_step(self, task_name: str, meta: Mapping[str, Any], current_round: Optional[int]) -> Reply:
+        """One step of the round's secure aggregation (``fedoap.privacy.secagg``): advertise fresh round keys signed
+        by the site's identity, share the mask secrets with the other sites, or reveal the shares that remove the
+        masks (never both shares of one site); the reply carries key material only.
+
+        Raises:
+            SecAggError: secure aggregation is off, the task has no round, a step out of order or of another round,
+                or a message the protocol refuses (a key not signed by its site, a replay, a request to unmask a
+                site).
+        """
+        if self._secagg_keys is None:
+            raise SecAggError(f"task {task_name!r}: secure aggregation is off in this job's configuration")
+        if current_round is None:
+            raise SecAggError(f"task {task_name!r} carries no round")
+        rnd, message = int(current_round), meta.get(SECAGG_KEY)
+        if task_name == SECAGG_ADVERTISE_TASK:
+            identity, roster = self._secagg_keys
+            self._secagg = SiteSecAgg(self.site, identity, roster, self.job_id, rnd,
+                                      self.config.privacy.secagg_config())
+            # the weight this site expects to claim (the server sums them into the round's common scale)
+            return Reply(meta={SECAGG_KEY: self._secagg.advertise(),
+                               AGGREGATION_WEIGHT_KEY: self.trainer.expected_weight()})
+        state = self._secagg_round(rnd)
+        if not isinstance(message, Mapping):
+            raise SecAggError(f"task {task_name!r} carries no secure aggregation message")
+        if task_name == SECAGG_SHARE_TASK:
+            return Reply(meta={SECAGG_KEY: state.share_keys(message.get("advertised") or {})})
+        reply = state.unmask(list(message.get("sent") or []), list(message.get("dropped") or []))
+        self._secagg = None  # one reveal per round
+        return Reply(meta={SECAGG_KEY: reply})
+
+    def _refusing(self, step: Any) -> Reply:
+        """``step()``, or, when secure aggregation refuses it (a key not signed by its site, too few survivors, a
+        request to unmask a site, a value outside the ring's headroom), an empty reply that says why: the site
+        releases nothing this round and stays in the job."""
+        try:
+            return step()
+        except SecAggError as err:
+            self._secagg = None  # the round is over for this site
+            logger.warning("site %s: secure aggregation refused: %s", self.site, err)
+            return Reply(meta={SECAGG_REFUSED_KEY: str(err)[:500]})
+
+    def _secagg_round(self, rnd: Optional[int]) -> SiteSecAgg:
+        """The protocol state of round ``rnd`` (None: the round is not checked).
+
+        Raises:
+            SecAggError: no key exchange of that round on this site (a step out of order or of another round).
+        """
+        if self._secagg is None or (rnd is not None and self._secagg.round != rnd):
+            shown = f"round {rnd + 1}" if rnd is not None else "this round"
+            raise SecAggError(f"secure aggregation: no key exchange of {shown} on this site (a step out of order)")
+        return self._secagg
+
+    def _round_exchange(self, task_meta: Mapping[str, Any],
+                        rnd: Optional[int] = None) -> Optional[tuple[SiteSecAgg, dict, list, float]]:
+        """What the training task says of this round's key exchange, checked before any training: the round's
+        protocol state, the key shares sent to this site, the survivors and the common scale; None without secure
+        aggregation.
+
+        Raises:
+            SecAggError: secure aggregation is on but the task carries no key exchange of this round (the update is
+                never released in clear), or a scale that is not a positive number.
+        """
+        if self._secagg_keys is None:
+            return None
+        message = task_meta.get(SECAGG_KEY)
+        if not isinstance(message, Mapping):
+            raise SecAggError("secure aggregation is on, but the training task comes without this round's key "
+                              "exchange: the update is not released in clear")
+        state = self._secagg_round(rnd)
+        scale = message.get("scale")
+        if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and np.isfinite(scale) and scale > 0):
+            raise SecAggError(f"secure aggregation: the round's scale must be a positive number, got {scale!r}")
+        shares = message.get("shares")
+        received = shares.get(self.site) if isinstance(shares, Mapping) else None
+        return state, dict(received or {}), list(message.get("survivors") or []), float(scale)
+
+    @staticmethod
+    def _masker(exchange: tuple[Any, dict, list, float], weight: float):
+        """The round's masking of the released update (times ``weight``, the site's aggregation weight): every site
+        divides by the same public scale (the round's announced total weight), so the sum fits the ring's fixed
+        point; the headroom check's summands say that this site's values are its share weight / scale of a sum of
+        shares <= 1."""
+        state, received, survivors, scale = exchange
+        summands = max(1.0, scale / float(weight)) if weight > 0 else None
+        return lambda values: state.masked_input(values / scale, received, survivors, summands=summands)
 
     def personalize(self) -> dict[str, Any]:
         """Fine-tune, evaluate and write the site's detailed results; the metrics sent to the server (the centralized

@@ -22,6 +22,7 @@ from fedoap.server.rules.encrypted_sum import EncryptedSum
 from fedoap.server.rules.fedawa import FedAWARule
 from fedoap.server.rules.fedlws import FedLWSRule
 from fedoap.server.rules.fednova import FedNovaRule
+from fedoap.server.rules.masked_sum import MaskedSum
 from fedoap.server.rules.median import CoordinateMedian
 from fedoap.server.rules.none import NoAggregation
 from fedoap.server.rules.norm_bound import NormBounded
@@ -29,10 +30,11 @@ from fedoap.server.rules.trimmed_mean import TrimmedMean
 from fedoap.server.rules.weighted_mean import WeightedMean
 
 __all__ = ["ServerRule", "UpdateRejected", "REFERENCES", "WeightedMean", "FedNovaRule", "FedAWARule", "FedLWSRule",
-           "NoAggregation", "EncryptedSum", "CoordinateMedian", "TrimmedMean", "NormBounded", "RULES", "ROBUST_RULES",
+           "NoAggregation", "EncryptedSum", "MaskedSum", "CoordinateMedian", "TrimmedMean", "NormBounded", "RULES", "ROBUST_RULES",
            "check_rule", "check_robustness", "rule_for_job"]
 
-#: every rule a method can name (the encrypted sum is not named: it serves a linear rule under HE)
+#: every rule a method can name (the encrypted and masked sums are not named: they serve a linear rule under HE or
+#: secure aggregation)
 RULES: tuple[type[ServerRule], ...] = (WeightedMean, FedNovaRule, FedAWARule, FedLWSRule, NoAggregation,
                                        CoordinateMedian, TrimmedMean)
 #: the robust rules a job may put in place of the weighted mean, by name ("" keeps the method's rule)
@@ -60,7 +62,8 @@ def check_robustness(rule: Any, he: bool, robust_rule: str = "", robust_args: Op
         if not on:
             continue
         if he:
-            raise ValueError(f"{option} needs every update in clear on the server; homomorphic encryption hides it")
+            raise ValueError(f"{option} needs every update in clear on the server; homomorphic encryption hides it "
+                             "(as does secure aggregation)")
         if rule is not WeightedMean:
             raise ValueError(f"{option} replaces the plain weighted mean only; this method's server rule is "
                              f"{getattr(rule, 'name', rule)!r}")
@@ -88,10 +91,11 @@ def check_rule(rule: Any, rule_args: Mapping[str, Any], shared_keys: Collection[
     if not rule.shares and shared_keys:
         raise ValueError(f"server rule {rule.name!r} shares nothing, but {len(shared_keys)} shared key(s) were given")
     if he and not rule.shares:
-        raise ValueError(f"server rule {rule.name!r} shares nothing: there is nothing to encrypt")
+        raise ValueError(f"server rule {rule.name!r} shares nothing: there is nothing to encrypt or mask")
     if he and not rule.linear:
         raise ValueError(f"server rule {rule.name!r} needs the global model in clear on the server; homomorphic "
-                         f"encryption supports only linear rules ({[r.name for r in RULES if r.linear]})")
+                         f"encryption and secure aggregation support only linear rules "
+                         f"({[r.name for r in RULES if r.linear]})")
     check_robustness(rule, he, robust_rule, robust_args, update_norm_bound)
 
 
@@ -104,6 +108,7 @@ def rule_for_job(
     robust_rule: str = "",
     robust_args: Optional[Mapping[str, Any]] = None,
     update_norm_bound: float = 0.0,
+    secagg: Optional[Any] = None,
 ) -> ServerRule:
     """The rule object that serves one job: ``rule(reference, **rule_args)`` in clear, or, given the server's HE
     context (no secret key), the :class:`EncryptedSum` that computes the linear ``rule`` on ciphertexts. With
@@ -114,6 +119,8 @@ def rule_for_job(
         rule: the method's rule class; rule_args: its arguments.
         reference: the global shared parameters the job starts from, in clear.
         he_context: the server's TenSEAL context under HE, else None.
+        secagg: the job's ``fedoap.privacy.secagg.SecAggConfig`` under secure aggregation (the
+            :class:`MaskedSum` that removes the masks of the linear ``rule``), else None.
         robust_rule: "" (the method's rule), or a name of :data:`ROBUST_RULES` ("median", "trimmed_mean");
             robust_args: its arguments (``{"trim_fraction": f}`` for the trimmed mean).
         update_norm_bound: the largest L2 norm of a site's update around the round's broadcast (0: no bound).
@@ -121,10 +128,14 @@ def rule_for_job(
     Raises:
         ValueError: as :func:`check_rule`, or a reference the rule cannot take.
     """
-    check_rule(rule, rule_args, list(reference), he=he_context is not None, robust_rule=robust_rule,
-               robust_args=robust_args, update_norm_bound=update_norm_bound)
+    if he_context is not None and secagg is not None:
+        raise ValueError("homomorphic encryption and secure aggregation both hide the updates: choose one")
+    check_rule(rule, rule_args, list(reference), he=he_context is not None or secagg is not None,
+               robust_rule=robust_rule, robust_args=robust_args, update_norm_bound=update_norm_bound)
     if he_context is not None:
         return EncryptedSum(reference, he_context)
+    if secagg is not None:
+        return MaskedSum(reference, secagg)
     built = ROBUST_RULES[robust_rule](reference, **(robust_args or {})) if robust_rule else rule(reference, **rule_args)
     if update_norm_bound > 0:
         return NormBounded(built, reference, update_norm_bound)

@@ -51,6 +51,8 @@ class ServerRule(ABC):
         reference: what the rule needs of the round's broadcast, one of :data:`REFERENCES`.
         shares: False for the rule of a method that shares nothing (its reference is empty, it accepts nothing).
         encrypted: :meth:`result` is ciphertext, which the server keeps as ciphertext only.
+        hides_updates: every update arrives hidden (ciphertext, or masked under secure aggregation): the server can
+            check its layout, never its values, and cannot clip its weight (it is inside the update).
         uses_steps: :meth:`add` computes with the step count (FedNova), so the workflow must bound the claimed steps
             before the rule sees them.
 
@@ -67,6 +69,7 @@ class ServerRule(ABC):
     reference: ClassVar[str] = "initial"
     shares: ClassVar[bool] = True
     encrypted: ClassVar[bool] = False
+    hides_updates: ClassVar[bool] = False
     uses_steps: ClassVar[bool] = False
 
     def __init__(self, reference: Mapping[str, object]) -> None:

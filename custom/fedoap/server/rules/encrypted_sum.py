@@ -38,6 +38,7 @@ class EncryptedSum(ServerRule):
     name = "encrypted_sum"
     linear = True
     encrypted = True
+    hides_updates = True
 
     def __init__(self, reference: Mapping[str, Any], server_context: Any) -> None:
         _, layout = pack(reference)
