@@ -16,7 +16,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from fedoap.resume import SERVER_STATE_FILE
-from processes import pids_with
+from processes import finish, pids_with
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 
@@ -49,11 +49,7 @@ def _wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float = RUN
 
 
 def _finish(proc: subprocess.Popen, log: Path) -> int:
-    try:
-        return proc.wait(timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError(f"the run did not finish in {RUN_TIMEOUT_S} s: {log.read_text()[-3000:]}")
+    return finish(proc, log, RUN_TIMEOUT_S)
 
 
 def _kill_site(out: Path, site: str) -> None:

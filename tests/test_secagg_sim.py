@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from fedoap.resume import SERVER_STATE_FILE
-from processes import pids_with
+from processes import finish, pids_with
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 
@@ -34,11 +34,7 @@ def _start(out: Path, *args: str) -> tuple[subprocess.Popen, Path]:
 
 
 def _finish(proc: subprocess.Popen, log: Path) -> int:
-    try:
-        return proc.wait(timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise AssertionError(f"the run did not finish in {RUN_TIMEOUT_S} s: {log.read_text()[-3000:]}")
+    return finish(proc, log, RUN_TIMEOUT_S)
 
 
 def _server_files(out: Path) -> Path:

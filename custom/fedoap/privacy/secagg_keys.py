@@ -195,21 +195,32 @@ def _write_new_private(path: Path, data: bytes) -> None:
         raise
 
 
-def _read_identity(path: Path) -> Ed25519PrivateKey:
-    """The key in an identity file; the mode is that of the file actually opened."""
+def _read_checked(path: Path, what: str, fix: str, forbidden: int, unsafe: str, limit: int = -1) -> bytes:
+    """The bytes of a regular file whose mode (of the file actually opened, not of a path that may change) has none
+    of the ``forbidden`` bits.
+
+    Raises:
+        SecAggKeyError: unreadable, not a regular file, or ``forbidden`` bits set (``unsafe`` says what to do; the mode
+            is appended first).
+    """
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as err:
-        raise SecAggKeyError(f"identity key {path} cannot be read: {err.strerror}; '{_INIT_CMD}' makes it") from None
+        raise SecAggKeyError(f"{what} {path} cannot be read: {err.strerror}; {fix}") from None
     with os.fdopen(fd, "rb") as f:
         info = os.fstat(f.fileno())
         if not stat.S_ISREG(info.st_mode):
-            raise SecAggKeyError(f"identity key {path} is not a regular file; '{_INIT_CMD}' makes it")
-        if info.st_mode & 0o077:
-            raise SecAggKeyError(f"identity key {path} may be read by other users (mode "
-                                 f"{stat.S_IMODE(info.st_mode):04o}): run 'chmod 600 {path}', and consider the key "
-                                 f"exposed ('{_INIT_CMD} --overwrite' and a new roster entry)")
-        data = f.read(64 * 1024)
+            raise SecAggKeyError(f"{what} {path} is not a regular file; {fix}")
+        if info.st_mode & forbidden:
+            raise SecAggKeyError(f"{what} {path} {unsafe.format(mode=f'{stat.S_IMODE(info.st_mode):04o}')}")
+        return f.read(limit)
+
+
+def _read_identity(path: Path) -> Ed25519PrivateKey:
+    """The key in an identity file (owner-only)."""
+    data = _read_checked(path, "identity key", f"'{_INIT_CMD}' makes it", 0o077,
+                         f"may be read by other users (mode {{mode}}): run 'chmod 600 {path}', and consider the key "
+                         f"exposed ('{_INIT_CMD} --overwrite' and a new roster entry)", limit=64 * 1024)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as err:  # not PEM, encrypted, or not a key cryptography can read
@@ -358,19 +369,9 @@ def _no_duplicate_names(pairs: list[tuple[str, object]]) -> dict[str, object]:
 
 def _read_roster(path: Path) -> Roster:
     fix = f"'{_ROSTER_CMD}' writes it"
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as err:
-        raise SecAggKeyError(f"roster {path} cannot be read: {err.strerror}; {fix}") from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise SecAggKeyError(f"roster {path} is not a regular file; {fix}")
-        if info.st_mode & 0o022:
-            raise SecAggKeyError(f"roster {path} may be changed by other users (mode "
-                                 f"{stat.S_IMODE(info.st_mode):04o}), who could put their keys in it: run "
-                                 f"'chmod 644 {path}' and compare its fingerprint with the other sites' again")
-        data = f.read()
+    data = _read_checked(path, "roster", fix, 0o022,
+                         f"may be changed by other users (mode {{mode}}), who could put their keys in it: run "
+                         f"'chmod 644 {path}' and compare its fingerprint with the other sites' again")
     try:
         document = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicate_names)
     except SecAggKeyError as err:
