@@ -18,6 +18,7 @@ from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from fedoap.config import RunConfig
 from fedoap.data import generate_site
+from fedoap.privacy.dp import update_dp_epsilon
 from fedoap.privacy.at_rest import create_key, site_key_path
 from fedoap.privacy.secagg import ServerSecAgg
 from fedoap.privacy.secagg_keys import SECAGG_DIR_ENV, load_roster, simulation_keys
@@ -41,12 +42,16 @@ def root(tmp_path_factory) -> Path:
     return root
 
 
+def _sessions(root: Path, **options):
+    config = RunConfig.from_options(rounds=3, local_epochs=1, finetune_epochs=0, image_size=32, width=8, batch_size=4,
+                                    seed=0, method="fedavg", data_root=str(root / "data"), secagg=True, **options)
+    return config, {site: SiteSession(config, site, root / "ws" / site, JOB) for site in SITES}
+
+
 @pytest.fixture()
 def sessions(root, monkeypatch):
     monkeypatch.setenv(SECAGG_DIR_ENV, str(root / "keys"))
-    config = RunConfig.from_options(rounds=3, local_epochs=1, finetune_epochs=0, image_size=32, width=8, batch_size=4,
-                                    seed=0, method="fedavg", data_root=str(root / "data"), secagg=True)
-    return config, {site: SiteSession(config, site, root / "ws" / site, JOB) for site in SITES}
+    return _sessions(root)
 
 
 def _exchange(config, sessions, rnd, tamper=None):
@@ -157,3 +162,38 @@ def test_the_sites_filter_lets_out_key_material_on_the_protocols_own_tasks_only(
         gate.process(_result({}, smuggled), _ctx(SECAGG_ADVERTISE_TASK))
     with pytest.raises(UnsafeJobError, match="with parameters"):
         gate.process(_result({"w": torch.zeros(3)}, advert), _ctx(SECAGG_ADVERTISE_TASK))
+
+
+@pytest.mark.parametrize("shares", [2, 3])
+def test_distributed_dp_needs_as_many_sites_in_the_sum_as_the_noise_has_shares(root, monkeypatch, shares):
+    """Each site adds 1/m of the noise variance (m = min_responses): with m = 2 the two sites that sent are unmasked
+    (their noise adds up to sigma * C); with m = 3 they refuse to unmask a sum of two, and the round fails closed."""
+    monkeypatch.setenv(SECAGG_DIR_ENV, str(root / "keys"))
+    config, sessions = _sessions(root, dp_update_clip=1.0, dp_update_noise=1.0, dp_update_distributed=True,
+                                 min_responses=shares)
+    broadcast = {k: v.clone() for k, v in sessions["brain"].trainer.shared_params().items()}
+    exchange, message, _ = _exchange(config, sessions, 0)
+    rule = MaskedSum(broadcast, config.privacy.secagg_config())
+    rule.reset(broadcast)
+    refusals = {}
+
+    def unmask(sent, dropped):
+        replies = {s: sessions[s].handle(SECAGG_UNMASK_TASK, {}, {SECAGG_KEY: {"sent": sent, "dropped": dropped}},
+                                         0).meta for s in sent}
+        refusals.update({s: m[SECAGG_REFUSED_KEY] for s, m in replies.items() if SECAGG_REFUSED_KEY in m})
+        return {s: m[SECAGG_KEY] for s, m in replies.items() if SECAGG_KEY in m}
+
+    rule.begin(exchange, unmask, message["scale"])
+    for site in ("brain", "breast"):  # liver dropped out after the key exchange
+        reply = sessions[site].handle(TRAIN_TASK, broadcast, {SECAGG_KEY: message}, 0)
+        assert reply.metrics["dp_update_epsilon"] == pytest.approx(update_dp_epsilon(1.0, 1, 1e-5))
+        assert reply.metrics["dp_update_epsilon_coalition"] == pytest.approx(
+            update_dp_epsilon(1.0 / shares ** 0.5, 1, 1e-5))
+        rule.add(site, reply.params, reply.meta[AGGREGATION_WEIGHT_KEY])
+    if shares == 2:
+        assert set(rule.result()) == set(broadcast) and not refusals
+    else:
+        with pytest.raises(ValueError, match="fewer than t"):
+            rule.result()
+        assert set(refusals) == {"brain", "breast"}
+        assert all("fewer than the 3 whose noise shares add up" in why for why in refusals.values())

@@ -321,6 +321,10 @@ class PrivacyOptions:
                                    check=non_negative)
     dp_update_noise: float = option(0.0, "client-level DP: Gaussian noise multiplier sigma (std sigma * clip)",
                                     check=non_negative)
+    dp_update_distributed: bool = option(False, "client-level DP shared among the sites (with --he or --secagg, which "
+                                                "show the server only sums): each site adds 1/m of the noise "
+                                                "variance, m = --min-responses, so any sum of m or more updates "
+                                                "carries sigma * C")
     dp_sgd_noise: float = option(0.0, "sample-level DP-SGD (Opacus) with this noise multiplier (0: off)",
                                  check=non_negative)
     dp_sgd_epsilon: float = option(0.0, "sample-level DP-SGD calibrated to this target epsilon over the whole run "
@@ -343,6 +347,11 @@ class PrivacyOptions:
             raise ValueError("--dp-update-noise needs --dp-update-clip > 0 (noise is scaled to the clip norm)")
         if self.he and self.secagg:
             raise ValueError("give --he or --secagg, not both: each alone hides every site's update from the server")
+        if self.dp_update_distributed and self.dp_update_clip == 0:
+            raise ValueError("--dp-update-distributed needs client-level DP (--dp-update-clip > 0)")
+        if self.dp_update_distributed and not self.hides_updates:
+            raise ValueError("--dp-update-distributed needs --secagg or --he: a site's share of the noise protects "
+                             "only inside a sum the server cannot take apart")
         if not self.secagg and (self.secagg_neighbours or self.secagg_frac_bits != 24 or self.secagg_ring_bits != 32):
             raise ValueError("--secagg-neighbours, --secagg-ring-bits and --secagg-frac-bits need --secagg")
 
@@ -369,6 +378,8 @@ class PrivacyOptions:
         on: dict[str, Any] = {}
         if self.dp_update_clip > 0:
             on.update(dp_update_clip=self.dp_update_clip, dp_update_noise=self.dp_update_noise)
+            if self.dp_update_distributed:
+                on["dp_update_distributed"] = True
         if self.dp_sgd_noise > 0:
             on["dp_sgd_noise"] = self.dp_sgd_noise
         if self.dp_sgd_epsilon > 0:
@@ -392,14 +403,15 @@ class PrivacyOptions:
                            target_epsilon=self.dp_sgd_epsilon if self.dp_sgd_epsilon > 0 else None,
                            delta=self.dp_delta, total_epochs=total_epochs)
 
-    def update_dp(self):
-        """The job's client-level DP of the update (``fedoap.privacy.dp.UpdateDPConfig``), or None when off."""
+    def update_dp(self, shares: int = 1):
+        """The job's client-level DP of the update (``fedoap.privacy.dp.UpdateDPConfig``), or None when off;
+        ``shares``: the sites whose noise adds up (``RunConfig.update_dp`` gives it under distributed DP)."""
         if self.dp_update_clip <= 0:
             return None
         from fedoap.privacy.dp import UpdateDPConfig
 
         return UpdateDPConfig(clip_norm=self.dp_update_clip, noise_multiplier=self.dp_update_noise,
-                              delta=self.dp_delta)
+                              delta=self.dp_delta, shares=shares)
 
 
 @dataclass(frozen=True)
@@ -548,11 +560,21 @@ class RunConfig:
             if on and rule is not WeightedMean:
                 raise ValueError(f"{flag} replaces the plain weighted mean only; method {name!r} combines updates by "
                                  f"{rule.name!r}")
+        if privacy.dp_update_distributed and robust.min_responses < 2:
+            raise ValueError("--dp-update-distributed: give --min-responses m >= 2, the fewest sites whose noise "
+                             "shares add up in any sum the server sees (each site adds 1/m of the variance; sites "
+                             "refuse to mask or unmask a round with fewer)")
         conflict = method.dp_sgd_conflict
         if conflict and privacy.dp_sgd_on:
             flag = "--dp-sgd-noise" if privacy.dp_sgd_noise > 0 else "--dp-sgd-epsilon"
             raise ValueError(f"{flag}: method {name!r} {conflict}; use client-level DP of the update "
                              "(--dp-update-clip) instead")
+
+    def update_dp(self):
+        """The job's client-level DP of the update, with its noise shared among ``min_responses`` sites under
+        distributed DP (``PrivacyOptions.dp_update_distributed``), else local; None when off."""
+        shares = self.robustness.min_responses if self.privacy.dp_update_distributed else 1
+        return self.privacy.update_dp(shares=shares)
 
     # -- building ------------------------------------------------------------------------------------------------------
     @classmethod

@@ -200,7 +200,7 @@ def _privacy_summary(run: RunConfig, clients: Sequence[str], history: dict[str, 
     """What protected the shared updates, and the epsilon each site's accountant reported after every round."""
     dp = run.privacy.enabled()
     summary: dict[str, Any] = {"he": run.privacy.he, "secagg": run.privacy.secagg, "dp": dp}
-    for key in ("dp_update_epsilon", "dp_sgd_epsilon", "dp_sgd_epsilon_per_case"):
+    for key in ("dp_update_epsilon", "dp_update_epsilon_coalition", "dp_sgd_epsilon", "dp_sgd_epsilon_per_case"):
         per_site = {
             site: [r["sites"][site].get(key) for r in history["rounds"] if site in r["sites"]] for site in clients
         }

@@ -123,8 +123,13 @@ class UpdateDPConfig:
 
     Args:
         clip_norm: L2 bound ``C`` of the whole update (all shared tensors together), ``> 0``.
-        noise_multiplier: ``sigma``; every coordinate gets ``N(0, (sigma * C)^2)`` noise, ``>= 0``.
+        noise_multiplier: ``sigma``; every coordinate of what the server sees gets ``N(0, (sigma * C)^2)`` noise,
+            ``>= 0``.
         delta: the delta at which epsilon is reported, in ``(0, 1)``.
+        shares: ``m``, how many sites' noise adds up in what the server sees. 1 (local DP): each released update
+            carries all of the noise. ``m > 1`` (distributed DP, when the server sees only the sum of at least ``m``
+            updates: secure aggregation or HE): each site adds ``N(0, (sigma * C)^2 / m)``
+            (:attr:`site_noise_multiplier`), so a sum of ``m`` or more carries at least ``sigma * C``.
 
     Raises:
         ValueError: if a value is outside its range.
@@ -133,11 +138,18 @@ class UpdateDPConfig:
     clip_norm: float
     noise_multiplier: float
     delta: float = 1e-5
+    shares: int = 1
 
     def __post_init__(self) -> None:
         _check_positive("clip_norm", self.clip_norm)
         _check_non_negative("noise_multiplier", self.noise_multiplier)
         _check_delta(self.delta)
+        _check_count("shares", self.shares, 1)
+
+    @property
+    def site_noise_multiplier(self) -> float:
+        """The noise multiplier of one site's own release: ``sigma / sqrt(shares)``."""
+        return float(self.noise_multiplier) / math.sqrt(self.shares)
 
 
 def clip_and_noise(

@@ -48,14 +48,14 @@ def public_metrics(metrics: Mapping[str, Any], private: bool) -> dict[str, Any]:
 
 def stricter(*configs: Optional[UpdateDPConfig]) -> Optional[UpdateDPConfig]:
     """The strictest combination of client-level DP settings (None entries are ignored; None if all are None): the
-    smallest clip norm, the largest noise multiplier and the smallest delta, so the result is at least as private as
-    each of them."""
+    smallest clip norm, the largest noise multiplier, the smallest delta and the fewest noise shares (a site's policy,
+    local DP, keeps all of the noise on each release), so the result is at least as private as each of them."""
     given = [c for c in configs if c is not None]
     if not given:
         return None
     return UpdateDPConfig(clip_norm=min(c.clip_norm for c in given),
                           noise_multiplier=max(c.noise_multiplier for c in given),
-                          delta=min(c.delta for c in given))
+                          delta=min(c.delta for c in given), shares=min(c.shares for c in given))
 
 
 def _as_tensor(value: Any) -> torch.Tensor:
@@ -82,7 +82,11 @@ class SitePrivacy:
                  expected: Optional[Mapping[str, Any]] = None) -> None:
         self.he_context = he_context
         self.update_dp = update_dp
+        # against the server (it sees sums of at least update_dp.shares updates); against a coalition of the other
+        # sites, who can take their own noise out of a sum, only this site's share is left
         self.accountant = UpdateDPAccountant(update_dp.noise_multiplier) if update_dp else None
+        self.coalition_accountant = (UpdateDPAccountant(update_dp.site_noise_multiplier)
+                                     if update_dp and update_dp.shares > 1 else None)
         self.expected: Optional[dict[str, tuple[int, ...]]] = None
         if expected is not None:
             self.expect(expected)
@@ -110,7 +114,8 @@ class SitePrivacy:
         if self.update_dp is None:
             return None
         dp = self.update_dp
-        stamp: dict[str, Any] = {"clip_norm": float(dp.clip_norm), "noise_multiplier": float(dp.noise_multiplier),
+        # the noise this site added itself (its share under distributed DP): what its own release went through
+        stamp: dict[str, Any] = {"clip_norm": float(dp.clip_norm), "noise_multiplier": dp.site_noise_multiplier,
                                  "delta": float(dp.delta), "releases": 1}
         if dp_sgd:
             stamp["dp_sgd"] = dict(dp_sgd)
@@ -163,13 +168,21 @@ class SitePrivacy:
         if not payload:
             return payload, metrics
         if self.update_dp is not None:
+            dp = self.update_dp
+            if dp.shares > 1 and self.he_context is None and masker is None:
+                raise ValueError(f"distributed DP: this site adds 1/{dp.shares} of the noise variance, which protects "
+                                 "only inside a sum of updates; secure aggregation or HE is off, so the update is not "
+                                 "released")
             diff = {k: payload[k].double() - _as_tensor(global_shared[k]).double() for k in payload}
-            noised, _ = clip_and_noise(diff, self.update_dp.clip_norm, self.update_dp.noise_multiplier)
+            noised, _ = clip_and_noise(diff, dp.clip_norm, dp.site_noise_multiplier)
             payload = {k: (_as_tensor(global_shared[k]).double() + noised[k].double()).float() for k in payload}
             self.accountant.step()
-            metrics.update({"dp_update_epsilon": self.accountant.epsilon(self.update_dp.delta),
-                            "dp_update_clip": float(self.update_dp.clip_norm),
-                            "dp_update_noise": float(self.update_dp.noise_multiplier)})
+            metrics.update({"dp_update_epsilon": self.accountant.epsilon(dp.delta),
+                            "dp_update_clip": float(dp.clip_norm), "dp_update_noise": float(dp.noise_multiplier)})
+            if self.coalition_accountant is not None:
+                self.coalition_accountant.step()
+                metrics.update({"dp_update_epsilon_coalition": self.coalition_accountant.epsilon(dp.delta),
+                                "dp_update_shares": float(dp.shares)})
         if self.he_context is not None:
             from fedoap.privacy.he import encrypt_update, to_params
 

@@ -201,8 +201,11 @@ class SiteSession:
         """The site's local state between two rounds: the trainer's (:meth:`fedoap.training.LocalTrainer.state`), the
         client-level DP accountant of the released updates (None without one) and the process's random streams."""
         accountant = self.privacy.accountant if self.privacy is not None else None
+        coalition = self.privacy.coalition_accountant if self.privacy is not None else None
         return {"site": self.site, "trainer": self.trainer.state(),
-                "update_dp": accountant.state_dict() if accountant is not None else None, "rng": global_rng_state()}
+                "update_dp": accountant.state_dict() if accountant is not None else None,
+                "update_dp_coalition": coalition.state_dict() if coalition is not None else None,
+                "rng": global_rng_state()}
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         """Continue from a :meth:`state` (call after the first task built the site's privacy boundary).
@@ -233,6 +236,9 @@ class SiteSession:
         accountant = self.privacy.accountant if self.privacy is not None else None
         if accountant is not None and state.get("update_dp") is not None:
             accountant.load_state_dict(state["update_dp"])
+        coalition = self.privacy.coalition_accountant if self.privacy is not None else None
+        if coalition is not None and state.get("update_dp_coalition") is not None:
+            coalition.load_state_dict(state["update_dp_coalition"])
 
     def _check_site(self, state: Mapping[str, Any]) -> None:
         if state.get("site") != self.site:
@@ -352,7 +358,9 @@ class SiteSession:
             raise SecAggError(f"task {task_name!r} carries no secure aggregation message")
         if task_name == SECAGG_SHARE_TASK:
             return Reply(meta={SECAGG_KEY: state.share_keys(message.get("advertised") or {})})
-        reply = state.unmask(list(message.get("sent") or []), list(message.get("dropped") or []))
+        sent = list(message.get("sent") or [])
+        self._check_noise_shares(len(sent), "sent their update")
+        reply = state.unmask(sent, list(message.get("dropped") or []))
         self._secagg = None  # one reveal per round
         return Reply(meta={SECAGG_KEY: reply})
 
@@ -400,7 +408,21 @@ class SiteSession:
             raise SecAggError(f"secure aggregation: the round's scale must be a positive number, got {scale!r}")
         shares = message.get("shares")
         received = shares.get(self.site) if isinstance(shares, Mapping) else None
-        return state, dict(received or {}), list(message.get("survivors") or []), float(scale)
+        survivors = list(message.get("survivors") or [])
+        self._check_noise_shares(len(survivors), "take part")
+        return state, dict(received or {}), survivors, float(scale)
+
+    def _check_noise_shares(self, n_sites: int, doing: str) -> None:
+        """Under distributed DP, refuse a round in which fewer sites than the noise's shares ``m`` ``doing``: their
+        sum would carry less noise than the job promises against the server.
+
+        Raises:
+            SecAggError: fewer than ``m`` sites.
+        """
+        dp = self.privacy.update_dp if self.privacy is not None else None
+        if dp is not None and dp.shares > 1 and n_sites < dp.shares:
+            raise SecAggError(f"distributed DP: only {n_sites} site(s) {doing}, fewer than the {dp.shares} whose noise "
+                              "shares add up to the promised noise: refusing")
 
     @staticmethod
     def _masker(exchange: tuple[Any, dict, list, float], weight: float):
@@ -472,4 +494,4 @@ class SiteSession:
             from fedoap.privacy.he import load_context
 
             context = load_context(find_context_file("client", self.workspace))
-        return SitePrivacy(he_context=context, update_dp=stricter(self.config.privacy.update_dp(), site_policy))
+        return SitePrivacy(he_context=context, update_dp=stricter(self.config.update_dp(), site_policy))
