@@ -20,8 +20,10 @@ from processes import finish, pids_with
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 
 FEDOAP = [sys.executable, "-m", "fedoap.cli"]
+# the round timeout also bounds each key-exchange step, and the first one includes every site's start-up (data,
+# network): 15 s was too short on a loaded 2-core CI machine
 COMMON = ["--method", "fedavg", "--rounds", "1", "--local-epochs", "1", "--finetune-epochs", "1", "--image-size", "32",
-          "--width", "8", "--seed", "0", "--unseen", "none", "--round-timeout", "15", "--min-responses", "2",
+          "--width", "8", "--seed", "0", "--unseen", "none", "--round-timeout", "40", "--min-responses", "2",
           "--weight-median-multiple", "1000"]  # the sites' slice counts differ by more than the default 10x
 RUN_TIMEOUT_S = 400
 
