@@ -213,6 +213,7 @@ class SharedParamsFedAvg(ModelController):
         self.personalize_timeout = personalize_timeout
         self.robustness = robustness
         self._history: dict[str, Any] = {}
+        self._secagg_started = False  # this run's first key exchange waits for the sites' start-up
         self._intake = RoundIntake(self._robustness, shares_statistics=fl_method.shares_statistics,
                                    num_rounds=num_rounds, progress=self._progress, warn=self._warn)
 
@@ -416,7 +417,8 @@ class SharedParamsFedAvg(ModelController):
             ``{"survivors": the sites that completed it (they train), "dropped": {site: why} for the others,
             "message": what the training task carries (survivors, the shares by recipient)}``.
         """
-        timeout = self._secagg_step_timeout()
+        timeout = self._secagg_step_timeout(first=not self._secagg_started)
+        self._secagg_started = True
         exchange = ServerSecAgg(str(self.fl_ctx.get_job_id()), rnd, self._roster, rule.n_values,
                                 self._secagg_config)
         dropped: dict[str, str] = {}
@@ -490,9 +492,13 @@ class SharedParamsFedAvg(ModelController):
                 dropped[site] = f"no answer to {task_name} (timed out, failed or disconnected)"
         return got
 
-    def _secagg_step_timeout(self) -> float:
-        """Seconds one key-exchange step waits: the round timeout when shorter than two minutes, else two minutes
-        (a step is a few milliseconds of work; the rest is NVFlare's task polling)."""
+    def _secagg_step_timeout(self, first: bool = False) -> float:
+        """Seconds one key-exchange step waits. The steps of this run's first round wait as long as a round (0: no
+        limit): the first task a site answers includes its start-up (its data, its network), which can take minutes
+        at a hospital. Later steps wait the round timeout when shorter than two minutes, else two minutes (a step is
+        milliseconds of work; the rest is NVFlare's task polling)."""
+        if first:
+            return self.task_timeout
         return min(self.task_timeout, SECAGG_STEP_TIMEOUT) if self.task_timeout > 0 else SECAGG_STEP_TIMEOUT
 
     def _secagg_roster(self) -> dict[str, bytes]:
