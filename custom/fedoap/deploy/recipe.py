@@ -169,7 +169,7 @@ class FedOAPRecipe(FedAvgRecipe):
             method_args=dict(self.config.method.args) or None,
             personalize=self.personalize,
             he=self.config.privacy.he,
-            secagg=dataclasses.asdict(self.config.privacy.secagg_config()) if self.config.privacy.secagg else None,
+            secagg=self.config.privacy.secagg_config().to_dict() if self.config.privacy.secagg else None,
             persistor_id=persistor_id,
             task_timeout=train_timeout,
             personalize_timeout=personalize_timeout,

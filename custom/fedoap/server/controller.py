@@ -117,10 +117,7 @@ def _secagg_config(secagg: Optional[Mapping[str, Any]]) -> Any:
         return None
     if not isinstance(secagg, Mapping):
         raise ValueError(f"secagg must be a dict of SecAggConfig fields or None, got {type(secagg).__name__}")
-    try:
-        return SecAggConfig(**secagg)
-    except TypeError as err:
-        raise ValueError(f"secagg: {err}") from None
+    return SecAggConfig.from_dict(secagg)
 
 
 class SharedParamsFedAvg(ModelController):
