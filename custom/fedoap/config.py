@@ -330,6 +330,8 @@ class PrivacyOptions:
     dp_sgd_epsilon: float = option(0.0, "sample-level DP-SGD calibrated to this target epsilon over the whole run "
                                         "(0: off)", check=non_negative)
     dp_sgd_clip: float = option(1.0, "DP-SGD per-sample gradient norm bound", check=positive)
+    dp_sgd_batch_size: int = option(0, "DP-SGD's expected batch (Poisson rate batch / training units; the noise on "
+                                       "the mean gradient is sigma / batch); 0: --batch-size", check=non_negative)
     dp_sgd_unit: str = option("slice", "what DP-SGD protects: one slice (per-slice sampling and clipping; the "
                                        "per-case epsilon is reported by group privacy) or one case, i.e. patient "
                                        "(cases sampled, one slice each)", choices=("slice", "case"))
@@ -401,7 +403,8 @@ class PrivacyOptions:
                            noise_source=self.dp_sgd_noise_source,
                            noise_multiplier=self.dp_sgd_noise if self.dp_sgd_noise > 0 else None,
                            target_epsilon=self.dp_sgd_epsilon if self.dp_sgd_epsilon > 0 else None,
-                           delta=self.dp_delta, total_epochs=total_epochs)
+                           delta=self.dp_delta, total_epochs=total_epochs,
+                           batch_size=self.dp_sgd_batch_size or None)
 
     def update_dp(self, shares: int = 1):
         """The job's client-level DP of the update (``fedoap.privacy.dp.UpdateDPConfig``), or None when off;

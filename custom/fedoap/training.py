@@ -119,7 +119,8 @@ class LocalTrainer:
         self.optimizer = method.make_round_optimizer(self.model.parameters(), config.lr, config.weight_decay)
         self.dp: Optional[DPSGD] = None
         if dp is not None:  # one privacy engine for the whole job: epsilon composes over the rounds
-            self.dp = DPSGD(dp, n_train=len(train), batch_size=config.batch_size, case_ids=train.case_ids)
+            self.dp = DPSGD(dp, n_train=len(train), batch_size=dp.batch_size or config.batch_size,
+                           case_ids=train.case_ids)
             self.loss_fn = per_sample_loss(self.loss_fn)
             self.model, self.optimizer = self.dp.make_private(self.model, self.optimizer)
 

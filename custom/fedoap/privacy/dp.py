@@ -380,6 +380,9 @@ class DPSGDConfig:
             device seeded with 63 bits of OS entropy at every epoch, with Opacus's four-normal sum against
             floating-point attacks; meant for a GPU, where a CPU stream of one value per parameter per step would
             dominate the step, at the price of a non-cryptographic generator with a 63-bit secret seed.
+        batch_size: the expected batch of DP-SGD's Poisson sampling (None: the trainer's batch size). DP-SGD wants
+            larger batches than plain training: the noise on the mean gradient is ``sigma / batch``, and sigma grows
+            slowly with the rate.
 
     Raises:
         ValueError: if a value is out of range or the noise is given both ways or neither way.
@@ -394,9 +397,12 @@ class DPSGDConfig:
     grad_sample_mode: str = "hooks"
     unit: str = "slice"
     noise_source: str = "chacha20"
+    batch_size: int | None = None
 
     def __post_init__(self) -> None:
         _check_positive("max_grad_norm", self.max_grad_norm)
+        if self.batch_size is not None:
+            _check_count("batch_size", self.batch_size, 1)
         _check_delta(self.delta)
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError(

@@ -80,12 +80,15 @@ class LedgerCorruptError(ValueError):
 class BudgetExceededError(ValueError):
     """A release would take a unit's epsilon past its budget (nothing was recorded for it)."""
 
-    def __init__(self, scope: str, unit: str, budget: float, delta: float, spent: float, would_be: float) -> None:
+    def __init__(self, scope: str, unit: str, budget: float, delta: float, spent: float, would_be: float,
+                 job: Optional[str] = None) -> None:
         self.scope, self.unit, self.budget, self.delta = scope, unit, budget, delta
-        self.spent, self.would_be = spent, would_be
+        self.spent, self.would_be, self.job = spent, would_be, job
+        whose = f"job {job!r} has" if job is not None else "this site has"
         super().__init__(
-            f"privacy budget of scope {scope!r} for unit {unit!r} exceeded: the budget is epsilon {budget:g} at delta "
-            f"{delta:g}, this site has spent {spent:.4f}, and this release would make it {would_be:.4f}"
+            f"privacy budget of scope {scope!r} for unit {unit!r} {'per job ' if job is not None else ''}exceeded: "
+            f"the budget is epsilon {budget:g} at delta {delta:g}, {whose} spent {spent:.4f}, and this release would "
+            f"make it {would_be:.4f}"
         )
 
 
@@ -119,18 +122,23 @@ class Release:
 
 @dataclass(frozen=True)
 class Charge:
-    """A release of one unit and that unit's budget (epsilon at the scope's delta; None: record without a limit)."""
+    """A release of one unit and that unit's budgets, epsilon at the scope's delta: ``budget`` over every job of the
+    site, ``job_budget`` over the releases of this one job (a site's per-job budget,
+    ``fedoap.site.policy.SiteDPPolicy``'s ``epsilon``); None: no limit of that kind."""
 
     unit: str
     release: Release
     budget: Optional[float] = None
+    job_budget: Optional[float] = None
 
     def __post_init__(self) -> None:
         _check_unit(self.unit)
         if not isinstance(self.release, Release):
             raise ValueError(f"release must be a Release, got {type(self.release).__name__}.")
-        if self.budget is not None and (not _is_real(self.budget) or float(self.budget) <= 0):
-            raise ValueError(f"budget must be None or a finite epsilon > 0, got {self.budget!r}.")
+        for name in ("budget", "job_budget"):
+            value = getattr(self, name)
+            if value is not None and (not _is_real(value) or float(value) <= 0):
+                raise ValueError(f"{name} must be None or a finite epsilon > 0, got {value!r}.")
 
 
 def _check_unit(unit: object) -> None:
@@ -285,6 +293,12 @@ class PrivacyLedger:
                 if c.budget is not None and not after[c.unit] <= float(c.budget):
                     raise BudgetExceededError(scope, c.unit, float(c.budget), float(delta),
                                               epsilon_of(history, delta), after[c.unit])
+                if c.job_budget is not None:
+                    job = _releases([e for e in self._select(entries, None, c.unit) if e["job_id"] == job_id])
+                    job_after = epsilon_of([*job, c.release], delta)
+                    if not job_after <= float(c.job_budget):
+                        raise BudgetExceededError(scope, c.unit, float(c.job_budget), float(delta),
+                                                  epsilon_of(job, delta), job_after, job=job_id)
             self._write(self._appended(entries, scope, job_id, charges))
             return after
 

@@ -8,7 +8,11 @@ the server deploys a job, and a refusal fails the deployment with the validator'
 * configures :class:`fedoap.site.executor.FedOAPExecutor` with anything but the arguments a job may set (a script path
   or script arguments, a command, another execution mode, attach or launch settings), or
 * carries a run configuration (``app/config/fedoap_run.json``) that is missing or invalid, references the site's
-  secrets (``${...}``) or names data folders: a deployed site's data folders come only from its own configuration,
+  secrets (``${...}``) or names data folders: a deployed site's data folders come only from its own configuration, or
+* cannot meet the site's privacy budget with a useful noise level under any of the site's privacy scopes
+  (``fedoap.site.policy.SiteDPPolicy`` with ``epsilon``; ``fedoap.privacy.budget.plan_mechanism``), e.g. a budget
+  that protects the whole site, for a job that averages 2 sites: the job's own process checks it again, under the
+  job's scope and with the site's data size, when it starts,
 
 so that a job submitted without bring-your-own-code rights runs nothing but fedoap's own client script on the site's
 own data. The executor repeats the same checks when the job starts (defence in depth, and the simulator, which deploys
@@ -19,11 +23,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from nvflare.apis.app_validation import AppValidator
 
-from fedoap.config import RUN_CONFIG_FILE
+from fedoap.config import RUN_CONFIG_FILE, PrivacyOptions, RobustnessOptions, TrainingOptions
 from fedoap.site.executor import FedOAPExecutor, refused_args, run_config_refusal
 
 __all__ = ["FedOAPAppValidator", "EXECUTOR_PATH"]
@@ -73,7 +77,52 @@ def refusal(app_folder: str) -> str:
         reason = run_config_refusal(os.path.join(config_dir, RUN_CONFIG_FILE), simulate=False, build_method=False)
         if reason:
             return f"fedoap site policy: {reason}"
+        reason = budget_refusal(os.path.join(config_dir, RUN_CONFIG_FILE))
+        if reason:
+            return f"fedoap site policy: {reason}"
     return ""
+
+
+def _scope_budgets(scope: Any) -> list:
+    """The per-job budgets of the SiteDPPolicy filters of an NVFlare privacy scope."""
+    from fedoap.site.policy import SiteDPPolicy
+
+    filters = [f for chains in (scope.task_data_filters, scope.task_result_filters) for chain in chains.values()
+               for f in chain]
+    return [f.budget for f in filters if isinstance(f, SiteDPPolicy) and f.budget is not None]
+
+
+def budget_refusal(run_config_path: str, scopes: Optional[dict] = None) -> str:
+    """Why no privacy scope of this site can run the job at ``run_config_path`` within its per-job budget ("" if one
+    can, or the site defines no privacy policy). ``scopes``: name -> NVFlare ``Scope`` (default: the site's, from
+    NVFlare's privacy service in this process). The site's data size is not read here (a deployment must be answered
+    within seconds): DP-SGD's noise is checked when the job starts."""
+    if scopes is None:
+        from nvflare.private.privacy_manager import PrivacyService
+
+        manager = PrivacyService.manager
+        if manager is None or not manager.is_policy_defined():
+            return ""
+        scopes = manager.name_to_scopes
+    # only now: the fedoap.privacy package imports torch, which a site whose policy names SiteDPPolicy has loaded
+    from fedoap.privacy.budget import BudgetRefusal, JobShape, plan_mechanism
+    with open(run_config_path) as f:
+        document = json.load(f)
+    training = TrainingOptions(**document.get("training", {}))
+    privacy = PrivacyOptions(**document.get("privacy", {}))
+    robustness = RobustnessOptions(**document.get("robustness", {}))
+    shape = JobShape(rounds=training.rounds, local_epochs=training.local_epochs,
+                     batch_size=privacy.dp_sgd_batch_size or training.batch_size, sites=robustness.min_responses or 1)
+    reasons = []
+    for name, scope in scopes.items():
+        try:
+            for budget in _scope_budgets(scope):
+                plan_mechanism(budget, shape)
+        except BudgetRefusal as err:
+            reasons.append(f"scope {name!r}: {err}")
+        else:
+            return ""  # the job can run under this scope
+    return "no privacy scope of this site can run the job within its budget: " + "; ".join(reasons)
 
 
 class FedOAPAppValidator(AppValidator):

@@ -47,6 +47,7 @@ from nvflare.apis.shareable import ReservedHeaderKey, Shareable
 
 from fedoap.protocol import (DP_STAMP_KEY, SECAGG_ADVERTISE_TASK, SECAGG_KEY, SECAGG_SHARE_TASK, SECAGG_UNMASK_TASK,
                              SITE_DP_BUDGET_KEY, SITE_DP_POLICY_KEY, SITE_STATISTICS_KEY)
+from fedoap.privacy.budget import BUDGET_UNITS, DPBudget
 from fedoap.privacy.dp import UpdateDPConfig
 from fedoap.privacy.ledger import (
     DP_SGD_UNITS,
@@ -62,7 +63,7 @@ from fedoap.privacy.ledger import (
 #: the kind of secure aggregation message (``fedoap.privacy.secagg.check_message``) each protocol step replies with
 _SECAGG_KINDS = {SECAGG_ADVERTISE_TASK: "advertise", SECAGG_SHARE_TASK: "shares", SECAGG_UNMASK_TASK: "reveal"}
 
-__all__ = ["SiteDPPolicy", "policy_from_meta", "budget_from_meta", "check_stamp", "stamp_releases"]
+__all__ = ["SiteDPPolicy", "policy_from_meta", "budget_from_meta", "check_stamp", "check_budget_stamp", "stamp_releases"]
 
 _TOLERANCE = 1e-9
 _STAMP_KEYS = frozenset({"clip_norm", "noise_multiplier", "delta", "releases"})
@@ -71,8 +72,9 @@ _DP_SGD_STAMP_KEYS = frozenset({"noise_multiplier", "sample_rate", "steps", "uni
 _SHAREABLE_KEYS = frozenset({ReservedHeaderKey.HEADERS, "DXO"})  # what a DXO result holds (nvflare.apis.dxo)
 
 
-def policy_from_meta(meta: Optional[dict]) -> Optional[UpdateDPConfig]:
-    """The site's mandatory client-level DP from a received task's meta, or None if the site sets none.
+def policy_from_meta(meta: Optional[dict]) -> Optional[UpdateDPConfig | DPBudget]:
+    """The site's mandatory DP from a received task's meta, or None if the site sets none: a floor on client-level
+    DP (:class:`UpdateDPConfig`) or a per-job budget (:class:`DPBudget`, from which the job derives its mechanism).
 
     Raises:
         ValueError: the entry is malformed (a site policy that cannot be read must not be ignored).
@@ -83,6 +85,9 @@ def policy_from_meta(meta: Optional[dict]) -> Optional[UpdateDPConfig]:
     if not isinstance(entry, dict):
         raise ValueError(f"task meta {SITE_DP_POLICY_KEY!r} must be a dict, got {type(entry).__name__}")
     try:
+        if "epsilon" in entry:
+            return DPBudget(epsilon=entry["epsilon"], delta=entry["delta"], unit=entry["unit"],
+                            clip_norm=entry["clip_norm"], max_mean_noise=entry["max_mean_noise"])
         return UpdateDPConfig(clip_norm=entry["clip_norm"], noise_multiplier=entry["noise_multiplier"],
                               delta=entry["delta"])
     except KeyError as err:
@@ -176,10 +181,62 @@ def check_stamp(stamp: Any, policy: UpdateDPConfig) -> Optional[str]:
     return None
 
 
+_CLIENT_STAMP_KEYS = _STAMP_KEYS - {"releases"}
+
+
+def check_budget_stamp(stamp: Any, budget: DPBudget) -> Optional[str]:
+    """Why ``stamp`` is malformed or went through no DP that protects the ``budget``'s unit, or None.
+
+    Under a budget a stamp is one release, ``{"releases": 1}`` with client-level DP (``clip_norm``,
+    ``noise_multiplier``, ``delta``: it protects the whole site, hence any unit) and/or DP-SGD steps (``"dp_sgd"``,
+    per case or per slice; a case protects its slices). How much epsilon it spends is checked by the ledger charge
+    (:meth:`SiteDPPolicy._charge`, the budget per job), not here.
+    """
+    if not isinstance(stamp, dict):
+        return f"the result carries parameters but no DP stamp ({DP_STAMP_KEY!r})"
+    keys = set(stamp)
+    client, extra = _CLIENT_STAMP_KEYS & keys, keys - _STAMP_KEYS - {_DP_SGD_KEY}
+    if extra or (client and client != _CLIENT_STAMP_KEYS) or "releases" not in keys:
+        return (f"malformed DP stamp {stamp!r}: a stamp is 'releases' with the client-level keys "
+                f"{sorted(_CLIENT_STAMP_KEYS)} (all or none) and/or {_DP_SGD_KEY!r}")
+    if not _is_count(stamp["releases"]) or int(stamp["releases"]) != 1:
+        return f"malformed DP stamp {stamp!r}: a result is one release, 'releases' must be 1"
+    if client:
+        values = [stamp[k] for k in ("clip_norm", "noise_multiplier", "delta")]
+        if not all(_is_number(v) and math.isfinite(float(v)) for v in values) or float(stamp["clip_norm"]) <= 0 \
+                or float(stamp["noise_multiplier"]) < 0:
+            return f"malformed DP stamp {stamp!r}: clip_norm > 0, noise_multiplier >= 0 and delta must be numbers"
+        if float(stamp["delta"]) > budget.delta * (1 + _TOLERANCE):
+            return f"delta {stamp['delta']} is larger than the site's {budget.delta}"
+    if _DP_SGD_KEY in stamp:
+        problem = _dp_sgd_problem(stamp[_DP_SGD_KEY])
+        if problem:
+            return f"malformed DP stamp {stamp!r}: {problem}"
+    if _covering_unit(stamp, budget) is None:
+        return (f"the result went through no DP that protects a {budget.unit} (the site's budget): client-level DP "
+                f"of the update{'' if budget.unit == 'site' else ' or DP-SGD per ' + budget.unit} is needed")
+    return None
+
+
+def _covering_unit(stamp: dict, budget: DPBudget) -> Optional[str]:
+    """The ledger unit whose epsilon bounds the budget's unit for this stamp: the DP-SGD unit when it protects the
+    budget's (a case protects its slices), else the site unit when the stamp has client-level noise; None: neither."""
+    dp_sgd = stamp.get(_DP_SGD_KEY)
+    if budget.unit != UNIT_SITE and isinstance(dp_sgd, dict) and int(dp_sgd.get("steps", 0)) > 0 \
+            and dp_sgd.get("unit") in ("case", budget.unit):
+        return dp_sgd["unit"]
+    if float(stamp.get("noise_multiplier", 0.0)) > 0:
+        return UNIT_SITE
+    return None
+
+
 def stamp_releases(stamp: dict) -> dict[str, Release]:
-    """The releases a stamp accepted by :func:`check_stamp` makes, by protected unit: one client-level release of the
-    update (``"site"``: sigma, q = 1, one step) and, if it reports DP-SGD steps, those (``"slice"`` or ``"case"``)."""
-    releases = {UNIT_SITE: Release.client_level(float(stamp["noise_multiplier"]))}
+    """The releases a stamp accepted by :func:`check_stamp` or :func:`check_budget_stamp` makes, by protected unit:
+    one client-level release of the update (``"site"``: sigma, q = 1, one step) if it has client-level DP and, if it
+    reports DP-SGD steps, those (``"slice"`` or ``"case"``)."""
+    releases = {}
+    if "noise_multiplier" in stamp:
+        releases[UNIT_SITE] = Release.client_level(float(stamp["noise_multiplier"]))
     dp_sgd = stamp.get(_DP_SGD_KEY)
     if dp_sgd is not None and int(dp_sgd["steps"]) > 0:
         releases[dp_sgd["unit"]] = Release(float(dp_sgd["noise_multiplier"]), float(dp_sgd["sample_rate"]),
@@ -193,12 +250,24 @@ def _check_budget(name: str, value: object) -> None:
 
 
 class SiteDPPolicy(Filter):
-    """Mandatory client-level DP of a site, and its privacy budget; list it in both ``task_data_filters`` and
+    """Mandatory DP of a site, and its privacy budget; list it in both ``task_data_filters`` and
     ``task_result_filters`` of every scope of the site's ``privacy.json`` (it acts by the chain it is attached to).
 
+    Two forms. A **budget** (``epsilon``): the most epsilon one job may spend on a ``unit`` (the whole site, a case
+    or a slice); each job derives its mechanism and noise from it (``fedoap.privacy.budget.plan_mechanism``:
+    client-level DP when the job averages enough sites, else DP-SGD at the unit) and is refused, at deployment and
+    when it starts, when no mechanism meets the budget with a useful noise level; the result filter charges every
+    release to the ledger and refuses one that would take the job past ``epsilon``. A **floor** (``noise_multiplier``):
+    client-level DP at least this strict on every release, whatever the job (the first version's form).
+
     Args:
-        clip_norm: the largest L2 norm ``C`` a released update may be clipped to.
-        noise_multiplier: the smallest noise multiplier ``sigma`` (noise std ``sigma * C`` per coordinate).
+        clip_norm: the largest L2 norm ``C`` a released update may be clipped to (floor), or the clip norm of the
+            client-level DP a budget derives when the job sets none.
+        noise_multiplier: the floor: the smallest client-level noise multiplier ``sigma`` (noise std ``sigma * C``).
+        epsilon: the budget: the most epsilon one job may spend on ``unit``, at ``delta``.
+        unit: what a budget protects: ``"site"``, ``"case"`` or ``"slice"``.
+        max_mean_noise: a budget's usefulness limit: the largest noise multiplier on the averaged quantity
+            (``sigma / sites`` for client-level DP, ``sigma / batch`` for DP-SGD).
         delta: the largest delta at which the site's epsilon is reported; budgets are epsilon at this delta.
         allow_statistics: let results carry the statistics some methods share in clear (FedRDN-style); off by
             default, because the DP of the update does not cover them.
@@ -207,18 +276,33 @@ class SiteDPPolicy(Filter):
         total_epsilon_dp_sgd: the same for the DP-SGD steps the stamps report, per protected unit (slice or case).
 
     Raises:
-        ValueError: a value is out of range.
+        ValueError: a value is out of range, or both or neither of ``noise_multiplier`` and ``epsilon``.
     """
 
-    def __init__(self, clip_norm: float, noise_multiplier: float, delta: float = 1e-5,
+    def __init__(self, clip_norm: float = 1.0, noise_multiplier: Optional[float] = None, delta: float = 1e-5,
                  allow_statistics: bool = False, total_epsilon: Optional[float] = None,
-                 total_epsilon_dp_sgd: Optional[float] = None) -> None:
+                 total_epsilon_dp_sgd: Optional[float] = None, epsilon: Optional[float] = None,
+                 unit: str = "slice", max_mean_noise: float = 0.1) -> None:
         super().__init__()
-        self.policy = UpdateDPConfig(clip_norm=clip_norm, noise_multiplier=noise_multiplier, delta=delta)
+        if (noise_multiplier is None) == (epsilon is None):
+            raise ValueError("SiteDPPolicy: give noise_multiplier (a floor on client-level DP) or epsilon (a budget "
+                             f"per job), exactly one; got noise_multiplier={noise_multiplier!r}, epsilon={epsilon!r}")
+        if unit not in BUDGET_UNITS:
+            raise ValueError(f"SiteDPPolicy: unit must be one of {list(BUDGET_UNITS)}, got {unit!r}")
+        self.budget: Optional[DPBudget] = None
+        self.policy: Optional[UpdateDPConfig] = None
+        if epsilon is not None:
+            self.budget = DPBudget(epsilon=epsilon, delta=delta, unit=unit, clip_norm=clip_norm,
+                                   max_mean_noise=max_mean_noise)
+        else:
+            self.policy = UpdateDPConfig(clip_norm=clip_norm, noise_multiplier=noise_multiplier, delta=delta)
         _check_budget("total_epsilon", total_epsilon)
         _check_budget("total_epsilon_dp_sgd", total_epsilon_dp_sgd)
         self.clip_norm = clip_norm
         self.noise_multiplier = noise_multiplier
+        self.epsilon = epsilon
+        self.unit = unit
+        self.max_mean_noise = max_mean_noise
         self.delta = delta
         self.allow_statistics = bool(allow_statistics)
         self.total_epsilon = total_epsilon
@@ -244,7 +328,7 @@ class SiteDPPolicy(Filter):
     @property
     def has_budget(self) -> bool:
         """Whether the scope limits any epsilon (then the site's ledger must be reachable)."""
-        return self.total_epsilon is not None or self.total_epsilon_dp_sgd is not None
+        return self.total_epsilon is not None or self.total_epsilon_dp_sgd is not None or self.budget is not None
 
     def _ledger(self, fl_ctx: FLContext) -> Optional[PrivacyLedger]:
         """The site's ledger (None without a workspace and without a budget: nothing to enforce, nowhere to write).
@@ -270,10 +354,19 @@ class SiteDPPolicy(Filter):
             total = float(self.total_epsilon if unit == UNIT_SITE else self.total_epsilon_dp_sgd)
             spent = ledger.spent(None, unit, float(self.delta))
             state[unit] = {"total_epsilon": total, "spent": spent, "left": max(0.0, total - spent)}
-            if unit == UNIT_SITE:
+            if unit == UNIT_SITE and self.noise_multiplier is not None:
                 state[unit]["releases_left"] = ledger.releases_left(
                     UNIT_SITE, float(self.delta), Release.client_level(float(self.noise_multiplier)), total)
         return state
+
+    def announcement(self, scope: str) -> dict[str, Any]:
+        """What the task-data filter tells the job's client script (:func:`policy_from_meta` reads it back)."""
+        if self.budget is not None:
+            b = self.budget
+            return {"epsilon": float(b.epsilon), "delta": float(b.delta), "unit": b.unit,
+                    "clip_norm": float(b.clip_norm), "max_mean_noise": float(b.max_mean_noise), "scope": scope}
+        return {"clip_norm": float(self.clip_norm), "noise_multiplier": float(self.noise_multiplier),
+                "delta": float(self.delta), "scope": scope}
 
     # -- the two chains ----------------------------------------------------------------------------------------------
     def _announce(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
@@ -285,10 +378,7 @@ class SiteDPPolicy(Filter):
                                      "results will still be checked")
             return shareable
         scope = fl_ctx.get_prop(FLContextKey.EFFECTIVE_JOB_SCOPE_NAME, "") or ""
-        dxo.set_meta_prop(SITE_DP_POLICY_KEY, {
-            "clip_norm": float(self.clip_norm), "noise_multiplier": float(self.noise_multiplier),
-            "delta": float(self.delta), "scope": scope,
-        })
+        dxo.set_meta_prop(SITE_DP_POLICY_KEY, self.announcement(scope))
         if self.has_budget:
             try:
                 dxo.set_meta_prop(SITE_DP_BUDGET_KEY, self._budget_state(self._ledger(fl_ctx), scope))
@@ -318,7 +408,7 @@ class SiteDPPolicy(Filter):
         if dxo.data_kind == DataKind.METRICS or not dxo.data:
             return shareable  # nothing shared: metrics only, or an empty parameter set
         stamp = dxo.get_meta_prop(DP_STAMP_KEY)
-        reason = check_stamp(stamp, self.policy)
+        reason = check_stamp(stamp, self.policy) if self.budget is None else check_budget_stamp(stamp, self.budget)
         if reason:
             raise UnsafeJobError(f"site DP policy: {reason}; refusing to release the result")
         spent = self._charge(stamp, fl_ctx)
@@ -368,7 +458,9 @@ class SiteDPPolicy(Filter):
         if ledger is None:
             return {}
         scope = fl_ctx.get_prop(FLContextKey.EFFECTIVE_JOB_SCOPE_NAME, "") or ""
-        charges = [Charge(unit, release, self.total_epsilon if unit == UNIT_SITE else self.total_epsilon_dp_sgd)
+        per_job = _covering_unit(stamp, self.budget) if self.budget is not None else None
+        charges = [Charge(unit, release, self.total_epsilon if unit == UNIT_SITE else self.total_epsilon_dp_sgd,
+                          job_budget=self.budget.epsilon if unit == per_job else None)
                    for unit, release in stamp_releases(stamp).items()]
         try:
             return ledger.charge(scope, float(self.delta), str(fl_ctx.get_job_id() or "unknown"), charges)

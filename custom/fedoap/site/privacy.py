@@ -104,15 +104,15 @@ class SitePrivacy:
         return self.update_dp is not None
 
     def stamp(self, dp_sgd: Optional[Mapping[str, Any]] = None) -> Optional[dict[str, Any]]:
-        """What a released update went through (None without client-level DP): put in the result's meta under
+        """What a released update went through (None without DP): put in the result's meta under
         :data:`DP_STAMP_KEY`, where the site's policy filter checks it and charges the site's privacy ledger.
 
         Args:
             dp_sgd: the DP-SGD steps taken since the previous release (``noise_multiplier``, ``sample_rate``,
                 ``steps``, ``unit``), if DP-SGD is on.
         """
-        if self.update_dp is None:
-            return None
+        if self.update_dp is None:  # DP-SGD alone (e.g. the mechanism of a site's budget), or no DP
+            return {"releases": 1, "dp_sgd": dict(dp_sgd)} if dp_sgd else None
         dp = self.update_dp
         # the noise this site added itself (its share under distributed DP): what its own release went through
         stamp: dict[str, Any] = {"clip_norm": float(dp.clip_norm), "noise_multiplier": dp.site_noise_multiplier,

@@ -32,7 +32,7 @@ import copy
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -43,7 +43,8 @@ from fedoap.data import SiteData, SliceSet, load_site, load_unseen
 from fedoap.eval.metrics import EMPTY_MASK_RULE, summarize
 from fedoap.methods.centralized import pool_sites
 from fedoap.privacy.at_rest import find_site_key, make_private_dir
-from fedoap.privacy.dp import UpdateDPConfig
+from fedoap.privacy.budget import DPBudget, JobShape
+from fedoap.privacy.dp import DPSGDConfig, UpdateDPConfig
 from fedoap.privacy.secagg import SecAggError, SiteSecAgg
 from fedoap.protocol import (AGGREGATION_WEIGHT_KEY, DP_STAMP_KEY, NUM_SAMPLES_KEY, NUM_STEPS_KEY, PERSONALIZE_TASK,
                              SECAGG_ADVERTISE_TASK, SECAGG_KEY, SECAGG_REFUSED_KEY, SECAGG_SHARE_TASK, SECAGG_TASKS,
@@ -171,7 +172,7 @@ class SiteSession:
         """
         meta = dict(meta or {})
         if self.privacy is None:
-            self.privacy = self._site_privacy(policy_from_meta(meta))
+            self.privacy = self._site_privacy(policy_from_meta(meta), budget_from_meta(meta))
             self.privacy.expect(self.trainer.shared_params())  # a broadcast of other keys or shapes is refused
         if self._resume_pending:  # before the server's parameters are loaded: they replace the saved shared ones
             if current_round is None:
@@ -477,17 +478,22 @@ class SiteSession:
                            detail={**detail, "metrics": metrics}, key=self.at_rest_key)
         return metrics
 
-    def _site_privacy(self, site_policy: Optional[UpdateDPConfig]) -> SitePrivacy:
+    def _site_privacy(self, site_policy: Optional[UpdateDPConfig | DPBudget],
+                      ledger: Optional[Mapping[str, Any]] = None) -> SitePrivacy:
         """The site's HE context (from its own configuration) and client-level DP settings: the stricter of the job's
-        and the site policy's.
+        and the site policy's. A site budget (:class:`DPBudget`) is first turned into its mechanism for this job
+        (:meth:`_meet_budget`).
 
         Raises:
-            ValueError: the site imposes client-level DP on a method that shares statistics in clear (not covered).
+            ValueError: the site imposes DP on a method that shares statistics in clear (not covered).
+            fedoap.privacy.budget.BudgetRefusal: no mechanism meets the site's budget with a useful noise level.
         """
         if site_policy is not None and self.method.shares_statistics:
-            raise ValueError(f"site {self.site!r} imposes client-level DP on every job, but method "
+            raise ValueError(f"site {self.site!r} imposes DP on every job, but method "
                              f"{self.config.method.name!r} shares statistics of its training data in clear, which that "
                              "DP would not cover")
+        if isinstance(site_policy, DPBudget):
+            site_policy = self._meet_budget(site_policy, ledger)
         context = None
         if self.config.privacy.he:
             from fedoap.privacy.contexts import find_context_file
@@ -495,3 +501,56 @@ class SiteSession:
 
             context = load_context(find_context_file("client", self.workspace))
         return SitePrivacy(he_context=context, update_dp=stricter(self.config.update_dp(), site_policy))
+
+    def job_shape(self, unit: str) -> JobShape:
+        """What this job's noise depends on, with this site's training units (slices, or cases for ``unit`` case)."""
+        training, train = self.config.training, self.data.train
+        dp = self.trainer.dp
+        batch = (dp.batch_size if dp is not None else None) or self.config.privacy.dp_sgd_batch_size \
+            or training.batch_size
+        units = len(set(train.case_ids)) if unit == "case" else len(train)
+        conflict = self.method.dp_sgd_conflict
+        return JobShape(rounds=training.rounds, local_epochs=training.local_epochs, batch_size=int(batch),
+                        sites=self.config.robustness.min_responses or 1, units=units,
+                        dp_sgd_conflict=f"method {self.config.method.name!r} {conflict}" if conflict else "")
+
+    def _meet_budget(self, budget: DPBudget, ledger: Optional[Mapping[str, Any]]) -> Optional[UpdateDPConfig]:
+        """Derive the mechanism that meets the site's per-job ``budget`` (no more than what is left of the lifetime
+        budget of its unit, ``ledger``); switch DP-SGD on at that epsilon when it is the mechanism and the job's own
+        is weaker (a fresh trainer: nothing has trained yet); the client-level DP to combine with the job's (None:
+        DP-SGD)."""
+        from fedoap.privacy.budget import plan_mechanism
+
+        mechanism = plan_mechanism(budget, self.job_shape(budget.unit))
+        left = ((ledger or {}).get(mechanism.unit) or {}).get("left")
+        if isinstance(left, (int, float)) and 0 < left < budget.epsilon:  # the lifetime budget is nearly spent
+            budget = replace(budget, epsilon=float(left))
+            mechanism = plan_mechanism(budget, self.job_shape(budget.unit))
+        logger.info("site %s: its privacy budget (epsilon %g per %s per job, delta %g) gives this job %s", self.site,
+                    budget.epsilon, budget.unit, budget.delta, mechanism.describe())
+        if mechanism.kind == "client":
+            clip = self.config.privacy.dp_update_clip or budget.clip_norm
+            return UpdateDPConfig(clip_norm=clip, noise_multiplier=mechanism.noise_multiplier, delta=budget.delta)
+        if not self._dp_sgd_meets(budget, mechanism):
+            config = self.config.privacy.dp_sgd(total_epochs=self.config.training.rounds
+                                                * self.config.training.local_epochs)
+            base = config or DPSGDConfig(noise_multiplier=0.0, max_grad_norm=self.config.privacy.dp_sgd_clip,
+                                         noise_source=self.config.privacy.dp_sgd_noise_source,
+                                         batch_size=self.config.privacy.dp_sgd_batch_size or None)
+            # the planned sigma: calibrated for this site's rate and the job's steps, as DPSGD would calibrate it
+            dp = replace(base, noise_multiplier=mechanism.noise_multiplier, target_epsilon=None,
+                         delta=min(float(budget.delta), base.delta), unit=mechanism.unit)
+            self.trainer = LocalTrainer(self.config.build_model(), self.method, self.data.train, self.data.val,
+                                        self.train_config, dp=dp)
+        return None
+
+    def _dp_sgd_meets(self, budget: DPBudget, mechanism: Any) -> bool:
+        """Whether the job's own DP-SGD already spends at most the budget on its unit over the whole job."""
+        from fedoap.privacy.ledger import Release, epsilon_of
+
+        dp = self.trainer.dp
+        if dp is None or dp.unit not in ("case", mechanism.unit):
+            return False
+        steps = self.config.training.rounds * self.config.training.local_epochs * dp.steps_per_epoch
+        spent = epsilon_of([Release(dp.noise_multiplier, dp.sample_rate, steps)], float(budget.delta))
+        return spent <= budget.epsilon * (1 + 1e-9) and float(dp.config.delta) <= budget.delta
