@@ -25,7 +25,7 @@ from fedoap.site.policy import SiteDPPolicy, budget_from_meta, check_stamp, poli
 from fedoap.protocol import SITE_DP_BUDGET_KEY, SITE_DP_POLICY_KEY
 from fedoap.site.privacy import SitePrivacy, stricter
 from fedoap.protocol import DP_STAMP_KEY
-from fedoap.privacy.dp import UpdateDPConfig, update_dp_epsilon
+from fedoap.privacy.dp import UpdateDPConfig
 from fedoap.privacy.ledger import Release
 
 PRIVACY_JSON = Path(__file__).resolve().parents[1] / "poc_workspace" / "local" / "privacy.json"
@@ -196,23 +196,23 @@ def test_shipped_privacy_policy_holds_the_filter_in_both_chains_of_every_scope(t
     raw = json.loads(PRIVACY_JSON.read_text())
     assert manager.default_scope is not None and manager.default_scope.name == raw["default_scope"]
     assert len(manager.name_to_scopes) == len(raw["scopes"]) >= 2
-    sigmas, budgets = set(), {}
+    budgets = {}
     for name, scope in manager.name_to_scopes.items():
         (data_filter,) = scope.task_data_filters[FilterKey.IN]
         (result_filter,) = scope.task_result_filters[FilterKey.OUT]
         assert isinstance(data_filter, SiteDPPolicy) and isinstance(result_filter, SiteDPPolicy), name
         assert data_filter.get_prop(FilterContextKey.CHAIN_TYPE) == FilterChainType.TASK_DATA_CHAIN
         assert result_filter.get_prop(FilterContextKey.CHAIN_TYPE) == FilterChainType.TASK_RESULT_CHAIN
-        assert data_filter.policy == result_filter.policy  # announced == enforced
+        assert data_filter.budget == result_filter.budget and result_filter.budget is not None  # announced == enforced
         assert (data_filter.total_epsilon, data_filter.total_epsilon_dp_sgd) == (
             result_filter.total_epsilon, result_filter.total_epsilon_dp_sgd)
         assert result_filter.total_epsilon > 0 and result_filter.total_epsilon_dp_sgd > 0, name  # every scope limits
-        sigmas.add(result_filter.noise_multiplier)
         budgets[name] = result_filter
-    assert len(sigmas) == len(raw["scopes"])  # the scopes differ in their noise
-    # the POC end-to-end test runs two 3-round jobs on the same sites in the default scope: 6 releases must fit
+    assert len({f.epsilon for f in budgets.values()}) == len(raw["scopes"])  # the scopes differ in their budget
+    # the POC end-to-end test runs three jobs on the same sites in the default scope, each spending at most the
+    # per-job epsilon on a slice: they must fit in the lifetime budget (3 x epsilon, before composition saves)
     default = budgets[raw["default_scope"]]
-    assert update_dp_epsilon(default.noise_multiplier, 6, default.delta) <= default.total_epsilon
-    # a scope that adds less noise must not have the smaller budget (budgets cap the site's total over all scopes)
-    by_noise = sorted(budgets.values(), key=lambda f: -f.noise_multiplier)
-    assert [f.total_epsilon for f in by_noise] == sorted(f.total_epsilon for f in by_noise)
+    assert 3 * default.epsilon <= default.total_epsilon_dp_sgd and default.budget.unit == "slice"
+    # a scope that spends more per job must not have the smaller lifetime budget (it caps the total over all scopes)
+    by_epsilon = sorted(budgets.values(), key=lambda f: f.epsilon)
+    assert [f.total_epsilon_dp_sgd for f in by_epsilon] == sorted(f.total_epsilon_dp_sgd for f in by_epsilon)

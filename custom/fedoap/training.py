@@ -45,6 +45,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     eval_batch_size: int = 64
+    dp_lr: Optional[float] = None  # the rounds' learning rate under DP-SGD (None: lr); fine-tuning keeps lr
 
     def __post_init__(self) -> None:
         for field in ("batch_size", "local_epochs", "eval_batch_size"):
@@ -54,6 +55,8 @@ class TrainConfig:
             raise ValueError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.dp_lr is not None and self.dp_lr <= 0:
+            raise ValueError(f"dp_lr must be None or > 0, got {self.dp_lr}")
 
 
 def random_flip(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -116,7 +119,9 @@ class LocalTrainer:
         self.generator = torch.Generator().manual_seed(config.seed)
         method.begin_training(self.model, train)
         self.loss_fn = method.train_loss()
-        self.optimizer = method.make_round_optimizer(self.model.parameters(), config.lr, config.weight_decay)
+        # DP-SGD takes fewer, larger, noisier steps (a larger expected batch): it may want its own rate
+        lr = config.dp_lr if dp is not None and config.dp_lr else config.lr
+        self.optimizer = method.make_round_optimizer(self.model.parameters(), lr, config.weight_decay)
         self.dp: Optional[DPSGD] = None
         if dp is not None:  # one privacy engine for the whole job: epsilon composes over the rounds
             self.dp = DPSGD(dp, n_train=len(train), batch_size=dp.batch_size or config.batch_size,

@@ -114,7 +114,8 @@ def test_no_job_spends_more_than_the_budget_per_job(tmp_path):
     for _ in range(fits):  # the rounds the budget pays for pass, untouched
         out = gate.process(_result(_dp_sgd_stamp()), _ctx(site, "job-a"))
         assert from_shareable(out).data["enc.w"] == [[0.25, 0.5]]
-    with pytest.raises(UnsafeJobError, match=r"budget of scope 'strict' for unit 'slice' per job exceeded: the budget is epsilon 2 "):
+    with pytest.raises(UnsafeJobError,
+                       match=r"budget of scope 'strict' for unit 'slice' per job exceeded: the budget is epsilon 2 "):
         gate.process(_result(_dp_sgd_stamp()), _ctx(site, "job-a"))  # one round more than the budget pays for
     assert len(ledger.entries()) == fits  # the refused release is not recorded
     assert ledger.spent(None, "slice", DELTA) == pytest.approx(epsilon_of([release] * fits, DELTA))

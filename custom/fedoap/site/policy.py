@@ -63,7 +63,8 @@ from fedoap.privacy.ledger import (
 #: the kind of secure aggregation message (``fedoap.privacy.secagg.check_message``) each protocol step replies with
 _SECAGG_KINDS = {SECAGG_ADVERTISE_TASK: "advertise", SECAGG_SHARE_TASK: "shares", SECAGG_UNMASK_TASK: "reveal"}
 
-__all__ = ["SiteDPPolicy", "policy_from_meta", "budget_from_meta", "check_stamp", "check_budget_stamp", "stamp_releases"]
+__all__ = ["SiteDPPolicy", "policy_from_meta", "budget_from_meta", "check_stamp", "check_budget_stamp",
+           "stamp_releases"]
 
 _TOLERANCE = 1e-9
 _STAMP_KEYS = frozenset({"clip_norm", "noise_multiplier", "delta", "releases"})

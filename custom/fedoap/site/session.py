@@ -121,6 +121,14 @@ def _dp_sgd_release(stats: Mapping[str, Any]) -> Optional[dict]:
             "unit": str(stats.get("dp_sgd_unit", "slice"))}
 
 
+def _opacus_refusal(model: Any) -> str:
+    """Why Opacus cannot train ``model`` with DP-SGD (e.g. BatchNorm mixes the samples of a batch), or ""."""
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(model, strict=False)
+    return f"its network cannot run DP-SGD (Opacus: {errors[0]})" if errors else ""
+
+
 class SiteSession:
     """One site's state for one job (see the module docstring).
 
@@ -141,7 +149,8 @@ class SiteSession:
         self.at_rest_key = find_site_key(self.workspace)  # a bad key file fails here, before any training
         self.pooled, self.data, self.unseen = _load_data(config, site, self.workspace)
         self.method = config.method.instance
-        self.train_config: TrainConfig = config.training.train_config()
+        self.train_config: TrainConfig = replace(config.training.train_config(),
+                                                 dp_lr=config.privacy.dp_sgd_lr or None)
         dp = config.privacy.dp_sgd(total_epochs=config.training.rounds * config.training.local_epochs)
         model = config.build_model()  # seeded as the server's initial checkpoint: local parts start identical
         self.trainer = LocalTrainer(model, self.method, self.data.train, self.data.val, self.train_config, dp=dp)
@@ -510,9 +519,10 @@ class SiteSession:
             or training.batch_size
         units = len(set(train.case_ids)) if unit == "case" else len(train)
         conflict = self.method.dp_sgd_conflict
+        conflict = f"method {self.config.method.name!r} {conflict}" if conflict else _opacus_refusal(self.trainer.model)
         return JobShape(rounds=training.rounds, local_epochs=training.local_epochs, batch_size=int(batch),
                         sites=self.config.robustness.min_responses or 1, units=units,
-                        dp_sgd_conflict=f"method {self.config.method.name!r} {conflict}" if conflict else "")
+                        dp_sgd_conflict=conflict)
 
     def _meet_budget(self, budget: DPBudget, ledger: Optional[Mapping[str, Any]]) -> Optional[UpdateDPConfig]:
         """Derive the mechanism that meets the site's per-job ``budget`` (no more than what is left of the lifetime
