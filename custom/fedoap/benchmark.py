@@ -93,13 +93,19 @@ def resolve_settings(preset: str, overrides: Optional[Mapping[str, Any]] = None)
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    return {**_resolve(PRESETS[preset], overrides), "preset": preset}
+
+
+def _resolve(base: Mapping[str, Any], overrides: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    """``base`` (a preset: partial settings with ``total_epochs`` and ``workers``) with the overrides applied and
+    checked, ``rounds`` resolved (see :func:`resolve_settings`; other benchmarks start from other bases)."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     unknown = sorted(set(overrides) - set(OVERRIDABLE))
     if unknown:
         raise ValueError(f"unknown override(s) {unknown}; allowed: {list(OVERRIDABLE)}")
     if "rounds" in overrides and "total_epochs" in overrides:
         raise ValueError("give rounds or total_epochs, not both")
-    s = {**PRESETS[preset], **overrides}
+    s = {**base, **overrides}
     for key in ("total_epochs", "workers"):
         if key in s and (isinstance(s[key], bool) or not isinstance(s[key], int) or s[key] < 1):
             raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {s[key]!r}")
@@ -114,7 +120,7 @@ def resolve_settings(preset: str, overrides: Optional[Mapping[str, Any]] = None)
     federation = FederationOptions(**{k: v for k, v in s.items() if k in _FEDERATION})
     resolved = {k: v for k, v in asdict(training).items() if k != "seed"}
     return {**resolved, **asdict(federation), "total_epochs": training.rounds * training.local_epochs,
-            "workers": s["workers"], "preset": preset}
+            "workers": s["workers"]}
 
 
 #: FedOAP's ablations, selectable in ``--methods`` next to the registered methods: name -> (method, its arguments).
@@ -308,6 +314,23 @@ def _config_mismatch(stored: Mapping[str, Any], cfg: PlannedRun, user_data: bool
     return sorted(k for k in set(now) & set(stored) if k not in ignored and now[k] != stored[k])
 
 
+def _previous_results(run_dir: str | Path, cfg: PlannedRun, user_data: bool) -> Optional[dict[str, Any]]:
+    """The ``results.json`` content of a finished run in ``run_dir`` to reuse, or None when there is none.
+
+    Raises:
+        ValueError: that run was made with other settings (they are named).
+    """
+    done = Path(run_dir) / "results.json"
+    if not done.is_file():
+        return None
+    previous = json.loads(done.read_text())
+    differ = _config_mismatch(previous.get("config", {}), cfg, user_data)
+    if differ:
+        raise ValueError(f"{done} was made with other settings ({', '.join(differ)} differ); "
+                         "choose another out folder or delete that run")
+    return previous
+
+
 def _run_one(cfg: PlannedRun) -> tuple[dict[str, Any], float]:
     """One run, timed (module level so that a worker process can run it)."""
     from fedoap.simulation import run_simulation
@@ -414,14 +437,8 @@ def run_benchmark(
             except Exception as err:  # noqa: BLE001 - a method that cannot be built fails its runs only
                 plan.append((seed, method, run_dir, None, None, err))
                 continue
-            done = Path(run_dir) / "results.json"
-            previous = json.loads(done.read_text()) if done.is_file() else None
-            if previous is not None:
-                differ = _config_mismatch(previous.get("config", {}), cfg, bool(settings.get("data")))
-                if differ:
-                    raise ValueError(f"{done} was made with other settings ({', '.join(differ)} differ); "
-                                     "choose another out folder or delete that run")
-            plan.append((seed, method, run_dir, cfg, previous, None))
+            plan.append((seed, method, run_dir, cfg, _previous_results(run_dir, cfg, bool(settings.get("data"))),
+                         None))
 
     if workers is not None:
         settings["workers"] = workers

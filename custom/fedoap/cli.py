@@ -6,6 +6,7 @@
     fedoap bench train [--out DIR]                                              images/s in the federation vs a plain loop
     fedoap bench privacy [--out DIR]                                            HE/secagg bytes, time; DP-SGD images/s
     fedoap bench scale [--sites 30] [--out DIR]                                 30 sites: s/round, peak memory
+    fedoap bench dp [--settings plain,client] [--epsilons 1,4,8] [--seeds 0,1,2] [--out DIR]  Dice vs epsilon, FedOAP
     fedoap he-keys init SITE_KIT --bundle B --public P [--passphrase-file F]     HE key ceremony: one site makes the key
     fedoap he-keys join SITE_KIT --bundle B [--passphrase-file F]                ... every other site imports it
     fedoap he-keys install-public SERVER_KIT --public P                         ... the server gets the public context
@@ -134,6 +135,26 @@ def _bench_options(p: argparse.ArgumentParser) -> None:
                       help="federation sizes of the secure aggregation part (default 3,10,30)")
     priv.add_argument("--secagg-values", type=int, default=0,
                       help="values per masked vector (default 0: FedOAP's shared vector)")
+    dp = bench_sub.add_parser("dp", help="FedOAP's personalized Dice against epsilon (no DP, DP-SGD, client-level, "
+                                         "distributed DP under secagg or HE), over seeds")
+    dp.add_argument("--settings", type=_csv, default=None,
+                    help="comma-separated subset of plain,dp_sgd,client,distributed (default: all)")
+    dp.add_argument("--epsilons", type=_csv, default=("1", "4", "8"),
+                    help="target epsilons of every DP setting (default 1,4,8)")
+    dp.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="comma-separated seeds (default 0,1,2)")
+    dp.add_argument("--client-clip", type=float, default=1.0,
+                    help="L2 bound of a site's update under client-level and distributed DP (default 1.0)")
+    dp.add_argument("--distributed-via", default="secagg",
+                    help="what hides each update under distributed DP: secagg or he (default secagg)")
+    dp.add_argument("--out", default="runs/bench_dp", help="benchmark folder (finished runs in it are reused)")
+    dp.add_argument("--workers", type=int, default=None, help="runs at the same time, each its own NVFlare "
+                                                              "simulator process (default 1)")
+    dp.add_argument("--total-epochs", type=int, default=None,
+                    help="rounds = total epochs / local epochs (not with --rounds)")
+    add_options(dp, PrivacyOptions, only=("dp_delta",), preset=True)
+    add_options(dp, TrainingOptions, exclude=("seed",), preset=True,
+                title="Training (overrides of fedoap simulate's defaults)")
+    add_options(dp, FederationOptions, preset=True, title="The simulated federation (overrides of the defaults)")
 
 
 def _poc_configure_options(p: argparse.ArgumentParser) -> None:
@@ -346,6 +367,16 @@ def _bench(args: argparse.Namespace) -> None:
         out = _writable(args.out)
         training.require_device()
         bench_scale(training, n_sites=args.sites, methods=args.methods, processes=args.processes, out=out)
+    elif args.bench == "dp":
+        from fedoap import bench_dp  # light: the runs import the rest
+
+        overrides = {k: getattr(args, k) for k in bench_dp.OVERRIDABLE if getattr(args, k, None) is not None}
+        bench_dp.parse_settings(args.settings)  # every option checked before anything starts
+        bench_dp.parse_epsilons(args.epsilons)
+        bench_dp.resolve_dp_settings(overrides)
+        bench_dp.run_bench_dp(args.settings, args.epsilons, args.seeds, _writable(args.out), overrides,
+                              client_clip=args.client_clip, distributed_via=args.distributed_via,
+                              delta=args.dp_delta)
     else:
         training, privacy = from_namespace(TrainingOptions, args), from_namespace(PrivacyOptions, args)
         out = _writable(args.out)
