@@ -415,3 +415,28 @@ def test_paused_allows_plain_training_and_private_optimizer_is_accounted():
     assert dp.steps == steps + dp.steps_per_epoch
     dp.close()
     assert not hasattr(next(model.parameters()), "grad_sample")
+
+
+def test_dp_sgd_has_its_own_batch_and_learning_rate_and_fine_tuning_keeps_the_plain_ones():
+    """DP-SGD's defaults differ from plain training's (a larger expected batch, a larger rate for its fewer, noisier
+    steps); the final fine-tuning, which is never released, keeps the plain rate."""
+    g = np.random.default_rng(0)
+    images = g.random((12, 1, 32, 32), dtype=np.float32)
+    split = SliceSet(images=images, labels=(images > 0.8).astype(np.float32), case_ids=[f"c{i}" for i in range(12)])
+    config = TrainConfig(batch_size=3, lr=1e-3, dp_lr=3e-3, augment=False)
+
+    def trainer(dp):
+        torch.manual_seed(0)
+        return LocalTrainer(FedOAPNet(channels=(2, 4, 4, 8), bottleneck_channels=8), FedOAP(), split, split, config,
+                            dp=dp)
+
+    private = trainer(DPSGDConfig(noise_multiplier=1.0, batch_size=6))
+    assert (private.dp.batch_size, private.dp.sample_rate, private.dp.expected_batch_size) == (6, 0.5, 6)
+    assert {group["lr"] for group in private.optimizer.param_groups} == {3e-3}
+    assert {group["lr"] for group in private._finetune_optimizer().param_groups} == {1e-3}
+    plain = trainer(None)
+    assert {group["lr"] for group in plain.optimizer.param_groups} == {1e-3}  # dp_lr applies under DP-SGD only
+    with pytest.raises(ValueError, match="batch_size"):
+        DPSGDConfig(noise_multiplier=1.0, batch_size=0)
+    with pytest.raises(ValueError, match="dp_lr"):
+        TrainConfig(dp_lr=-1.0)
