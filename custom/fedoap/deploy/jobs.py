@@ -29,7 +29,7 @@ __all__ = ["JOB_TRAINING", "MIN_CLIENTS", "JOBS", "build_recipe", "export_jobs",
 #: the training every exported job runs with (a partial override of the defaults): 64 x 64 slices and a narrow
 #: network, so that a 2-site POC on a CPU laptop learns a useful model in a few minutes under the sites' default
 #: privacy budget (DP-SGD at epsilon 8 per slice, poc_workspace/local/privacy.json)
-JOB_TRAINING = TrainingOptions(rounds=8, local_epochs=2, finetune_epochs=5, image_size=64, width=8, batch_size=16,
+JOB_TRAINING = TrainingOptions(rounds=8, local_epochs=2, finetune_epochs=15, image_size=64, width=8, batch_size=16,
                                threads=1)
 #: sites per round of every exported job (the POC's two)
 MIN_CLIENTS = 2
