@@ -330,10 +330,12 @@ class PrivacyOptions:
     dp_sgd_epsilon: float = option(0.0, "sample-level DP-SGD calibrated to this target epsilon over the whole run "
                                         "(0: off)", check=non_negative)
     dp_sgd_clip: float = option(1.0, "DP-SGD per-sample gradient norm bound", check=positive)
-    dp_sgd_batch_size: int = option(64, "DP-SGD's expected batch (Poisson rate batch / training units; the noise on "
-                                        "the mean gradient is sigma / batch); 0: --batch-size", check=non_negative)
-    dp_sgd_lr: float = option(3e-3, "the rounds' AdamW learning rate under DP-SGD (fewer, larger, noisier steps); 0: "
-                                    "--lr. The final fine-tuning, never released, keeps --lr", check=non_negative)
+    dp_sgd_batch_size: int = option(0, "DP-SGD's expected batch (Poisson rate batch / training units; the noise on "
+                                       "the mean gradient is sigma / batch); 0: --batch-size (measured best at epsilon "
+                                       "8: README)", check=non_negative)
+    dp_sgd_lr: float = option(0.0, "the rounds' AdamW learning rate under DP-SGD; 0: --lr (measured best at epsilon "
+                                   "8: README). The final fine-tuning, never released, keeps --lr",
+                              check=non_negative)
     dp_sgd_unit: str = option("slice", "what DP-SGD protects: one slice (per-slice sampling and clipping; the "
                                        "per-case epsilon is reported by group privacy) or one case, i.e. patient "
                                        "(cases sampled, one slice each)", choices=("slice", "case"))
