@@ -10,6 +10,7 @@ objects and the ledger on disk, NVFlare's own parser of ``privacy.json``, and re
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,6 @@ from nvflare.apis.fl_exception import UnsafeJobError
 from nvflare.apis.workspace import Workspace
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
-from nvflare.private.privacy_manager import PrivacyManager
 from nvflare.private.fed.app.fl_conf import create_privacy_manager
 
 from fedoap.config import RUN_CONFIG_FILE, RunConfig
@@ -32,7 +32,7 @@ from fedoap.privacy.budget import BudgetRefusal, DPBudget, JobShape, plan_mechan
 from fedoap.privacy.dp import update_dp_epsilon
 from fedoap.privacy.ledger import PrivacyLedger, Release, epsilon_of, ledger_path
 from fedoap.protocol import DP_STAMP_KEY, SITE_DP_POLICY_KEY, TRAIN_TASK
-from fedoap.site.app_validator import budget_refusal
+from fedoap.site.app_validator import FedOAPAppValidator, site_budgets
 from fedoap.site.policy import SiteDPPolicy, policy_from_meta
 from fedoap.site.session import SiteSession
 
@@ -157,35 +157,39 @@ def test_the_budget_travels_to_the_client_script_and_back():
 
 
 # -- refused at deployment ---------------------------------------------------------------------------------------------
-def _scopes(tmp_path: Path, scopes: dict) -> dict:
-    """The site's privacy scopes, parsed by NVFlare from a privacy.json as a site does at start-up."""
-    policy = {"scopes": [{"name": name, "task_result_filters": [
-        {"path": "fedoap.site.policy.SiteDPPolicy", "args": args}]} for name, args in scopes.items()],
-        "default_scope": next(iter(scopes))}
+def _workspace(tmp_path: Path, scopes: dict, **options) -> Path:
+    """A site's workspace as NVFlare deploys a job into it: ``local/privacy.json`` with these scopes (SiteDPPolicy in
+    both chains) and the shipped FedOAP job's app at ``<job id>/app_brain`` with ``options`` in its run config."""
+    policy = {"scopes": [{"name": name, **{chain: [{"path": "fedoap.site.policy.SiteDPPolicy", "args": args}]
+                                           for chain in ("task_data_filters", "task_result_filters")}}
+                         for name, args in scopes.items()], "default_scope": next(iter(scopes))}
     site = _site(tmp_path)
     (tmp_path / "local" / "privacy.json").write_text(json.dumps(policy))
-    manager: PrivacyManager = create_privacy_manager(site, names_only=False)
-    return manager.name_to_scopes
-
-
-def _run_config(tmp_path: Path, **options) -> str:
-    path = tmp_path / RUN_CONFIG_FILE
-    RunConfig.from_options(rounds=12, **options).save(path)
-    return str(path)
+    create_privacy_manager(site, names_only=False)  # NVFlare itself accepts the policy
+    app = tmp_path / "job-1" / "app_brain"
+    shutil.copytree(ROOT / "jobs" / "fedoap" / "app", app)
+    RunConfig.from_options(rounds=12, **options).save(app / "config" / RUN_CONFIG_FILE)
+    return app
 
 
 def test_deployment_refuses_a_job_no_scope_can_run_usefully(tmp_path):
-    site_only = _scopes(tmp_path / "a", {"strict": {"epsilon": 8.0, "unit": "site"},
-                                         "research": {"epsilon": 16.0, "unit": "site"}})
-    reason = budget_refusal(_run_config(tmp_path, min_responses=2), site_only)
-    assert reason.startswith("no privacy scope of this site can run the job within its budget")
+    site_only = {"strict": {"epsilon": 8.0, "unit": "site"}, "research": {"epsilon": 16.0, "unit": "site"}}
+    reason, _ = FedOAPAppValidator().validate(str(_workspace(tmp_path / "a", site_only, min_responses=2)))
+    assert reason.startswith("fedoap site policy: no privacy scope of this site can run the job within its budget")
     assert "scope 'strict': client-level DP at epsilon 8 over 12 rounds" in reason and "scope 'research'" in reason
-    assert budget_refusal(_run_config(tmp_path, min_responses=60), site_only) == ""  # 60 sites average the noise
-    lenient = _scopes(tmp_path / "b", {"strict": {"epsilon": 8.0, "unit": "site"},
-                                       "floor": {"noise_multiplier": 1.0}})
-    assert budget_refusal(_run_config(tmp_path, min_responses=2), lenient) == ""  # the job may pick the floor scope
-    per_slice = _scopes(tmp_path / "c", {"strict": {"epsilon": 8.0, "unit": "slice"}})
-    assert budget_refusal(_run_config(tmp_path, min_responses=2), per_slice) == ""  # DP-SGD instead
+    accepted = [  # 60 sites average the noise; the job may pick a floor scope; a slice budget falls back to DP-SGD
+        _workspace(tmp_path / "b", site_only, min_responses=60),
+        _workspace(tmp_path / "c", {**site_only, "floor": {"noise_multiplier": 1.0}}, min_responses=2),
+        _workspace(tmp_path / "d", {"strict": {"epsilon": 8.0, "unit": "slice"}}, min_responses=2)]
+    for app in accepted:
+        assert FedOAPAppValidator().validate(str(app)) == ("", {})
+    assert site_budgets(str(ROOT / "poc_workspace" / "local" / "privacy.json")) == {
+        "strict": [DPBudget(8.0, 1e-5, "slice")] * 2, "research": [DPBudget(16.0, 1e-5, "slice")] * 2}
+    bad = _workspace(tmp_path / "e", {"strict": {"epsilon": 8.0}})
+    (tmp_path / "e" / "local" / "privacy.json").write_text(json.dumps({"scopes": [{"name": "strict",
+        "task_result_filters": [{"path": "fedoap.site.policy.SiteDPPolicy", "args": {"epsilon": 8.0,
+                                                                                   "unit": "hospital"}}]}]}))
+    assert "scope 'strict': unit must be one of" in FedOAPAppValidator().validate(str(bad))[0]  # fails closed
 
 
 # -- a real site session meets the budget ------------------------------------------------------------------------------

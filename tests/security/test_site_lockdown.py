@@ -183,7 +183,7 @@ def test_app_validator_refuses_each_run_config_attack_at_deployment(tmp_path, na
     assert error.startswith("fedoap site policy:"), error
 
 
-def test_app_validator_answers_without_importing_torch_or_the_methods():
+def test_app_validator_answers_without_importing_torch_or_the_methods(tmp_path):
     """The site's parent process runs the validator while NVFlare's deployment timeout (10 s) runs: it checks the run
     configuration without building the method (the executor builds and checks it when the job starts)."""
     import subprocess
@@ -194,6 +194,13 @@ def test_app_validator_answers_without_importing_torch_or_the_methods():
             "print(error == '', 'torch' in sys.modules, 'fedoap.methods' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(ROOT / "jobs" / "fedoap_he" / "app")], capture_output=True,
                          text=True, check=True).stdout
+    assert out.split() == ["True", "False", "False"]
+    # deployed into a site's workspace, with the shipped privacy budgets to check the job against
+    app = tmp_path / "job-1" / "app_brain"
+    shutil.copytree(ROOT / "jobs" / "fedoap_he" / "app", app)
+    (tmp_path / "local").mkdir()
+    shutil.copyfile(ROOT / "poc_workspace" / "local" / "privacy.json", tmp_path / "local" / "privacy.json")
+    out = subprocess.run([sys.executable, "-c", code, str(app)], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "False", "False"]
 
 

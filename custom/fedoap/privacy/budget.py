@@ -24,9 +24,12 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
+
 from fedoap.checks import is_finite_number
 
-__all__ = ["DPBudget", "JobShape", "Mechanism", "BudgetRefusal", "plan_mechanism", "BUDGET_UNITS"]
+__all__ = ["DPBudget", "JobShape", "Mechanism", "BudgetRefusal", "plan_mechanism", "gaussian_epsilon",
+           "gaussian_noise_for", "BUDGET_UNITS"]
 
 #: what a budget protects: the site's whole data set, one patient, one slice
 BUDGET_UNITS = ("site", "case", "slice")
@@ -121,10 +124,41 @@ def _calibrated(epsilon: float, delta: float, sample_rate: float, steps: int) ->
                       steps=int(steps), accountant="rdp")
 
 
+#: the Renyi orders of Opacus's RDP accountant (``opacus.accountants.RDPAccountant.DEFAULT_ALPHAS``)
+_ORDERS = np.array([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)), dtype=np.float64)
+
+
+def gaussian_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
+    """Epsilon at ``delta`` of ``releases`` Gaussian mechanisms without subsampling (client-level DP, one release per
+    round), by Renyi DP: ``releases * alpha / (2 sigma^2)`` at each order, converted as Opacus's RDP accountant does
+    (Balle et al. 2020), so it equals ``fedoap.privacy.dp.update_dp_epsilon``; numpy only, for a site's parent
+    process, which must vet a job without importing torch."""
+    if noise_multiplier <= 0:
+        return math.inf
+    rdp = releases * _ORDERS / (2.0 * noise_multiplier ** 2)
+    eps = rdp - (math.log(delta) + np.log(_ORDERS)) / (_ORDERS - 1) + np.log((_ORDERS - 1) / _ORDERS)
+    return float(np.nanmin(eps))
+
+
+def gaussian_noise_for(epsilon: float, releases: int, delta: float, tolerance: float = 0.01) -> float:
+    """The smallest noise multiplier (to ``tolerance`` in epsilon, Opacus's) whose ``releases`` Gaussian releases
+    spend at most ``epsilon`` (bisection on :func:`gaussian_epsilon`)."""
+    low, high = 0.0, 1.0
+    while gaussian_epsilon(high, releases, delta) > epsilon:
+        low, high = high, 2 * high
+    while epsilon - gaussian_epsilon(high, releases, delta) > tolerance:
+        middle = (low + high) / 2
+        if gaussian_epsilon(middle, releases, delta) > epsilon:
+            low = middle
+        else:
+            high = middle
+    return high
+
+
 def client_level(budget: DPBudget, shape: JobShape) -> Mechanism:
     """Client-level DP over the job's rounds: sigma for ``rounds`` releases at epsilon, its noise on the mean of
     ``sites`` clipped updates."""
-    sigma = _calibrated(budget.epsilon, budget.delta, 1.0, shape.rounds)
+    sigma = gaussian_noise_for(budget.epsilon, shape.rounds, budget.delta)
     return Mechanism("client", "site", sigma, sigma / max(1, shape.sites))
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 from nvflare.apis.app_validation import AppValidator
 
@@ -77,35 +77,62 @@ def refusal(app_folder: str) -> str:
         reason = run_config_refusal(os.path.join(config_dir, RUN_CONFIG_FILE), simulate=False, build_method=False)
         if reason:
             return f"fedoap site policy: {reason}"
-        reason = budget_refusal(os.path.join(config_dir, RUN_CONFIG_FILE))
+        # NVFlare deploys an app to <workspace>/<job id>/app_<site>: the site's policy is in <workspace>/local/
+        privacy_file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(app_folder))), "local",
+                                    "privacy.json")
+        try:
+            reason = budget_refusal(os.path.join(config_dir, RUN_CONFIG_FILE), site_budgets(privacy_file))
+        except ValueError as err:
+            reason = str(err)
         if reason:
             return f"fedoap site policy: {reason}"
     return ""
 
 
-def _scope_budgets(scope: Any) -> list:
-    """The per-job budgets of the SiteDPPolicy filters of an NVFlare privacy scope."""
-    from fedoap.site.policy import SiteDPPolicy
-
-    filters = [f for chains in (scope.task_data_filters, scope.task_result_filters) for chain in chains.values()
-               for f in chain]
-    return [f.budget for f in filters if isinstance(f, SiteDPPolicy) and f.budget is not None]
+_POLICY_PATH = "fedoap.site.policy.SiteDPPolicy"
+_BUDGET_ARGS = ("epsilon", "delta", "unit", "clip_norm", "max_mean_noise")
 
 
-def budget_refusal(run_config_path: str, scopes: Optional[dict] = None) -> str:
+def site_budgets(privacy_file: str) -> dict[str, list]:
+    """Each privacy scope of the site's ``privacy.json`` with the per-job budgets of its SiteDPPolicy filters
+    (``fedoap.privacy.budget.DPBudget``; [] for a scope without one), read as JSON: the site's parent process knows
+    only the scopes' names (NVFlare builds their filters in each job's process) and must not import torch to vet a
+    job. {} when the site has no privacy policy.
+
+    Raises:
+        ValueError: the file is not a readable policy, or a budget's arguments are invalid (named).
+    """
+    from fedoap.privacy.budget import DPBudget  # numpy only (the package's other modules load lazily)
+
+    if not os.path.isfile(privacy_file):
+        return {}
+    try:
+        with open(privacy_file) as f:
+            policy = json.load(f)
+        scopes = {scope["name"]: scope for scope in policy["scopes"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"cannot read the site's privacy policy {privacy_file}: {err}") from None
+    budgets: dict[str, list] = {}
+    for name, scope in scopes.items():
+        budgets[name] = []
+        for component in _components([scope.get("task_data_filters", []), scope.get("task_result_filters", [])]):
+            args = component.get("args") or {}
+            if component["path"] == _POLICY_PATH and isinstance(args, dict) and "epsilon" in args:
+                try:
+                    budgets[name].append(DPBudget(**{k: args[k] for k in _BUDGET_ARGS if k in args}))
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"{privacy_file}: scope {name!r}: {err}") from None
+    return budgets
+
+
+def budget_refusal(run_config_path: str, budgets: dict[str, list]) -> str:
     """Why no privacy scope of this site can run the job at ``run_config_path`` within its per-job budget ("" if one
-    can, or the site defines no privacy policy). ``scopes``: name -> NVFlare ``Scope`` (default: the site's, from
-    NVFlare's privacy service in this process). The site's data size is not read here (a deployment must be answered
-    within seconds): DP-SGD's noise is checked when the job starts."""
-    if scopes is None:
-        from nvflare.private.privacy_manager import PrivacyService
-
-        manager = PrivacyService.manager
-        if manager is None or not manager.is_policy_defined():
-            return ""
-        scopes = manager.name_to_scopes
-    # only now: the fedoap.privacy package imports torch, which a site whose policy names SiteDPPolicy has loaded
+    can, or the site sets no budget); ``budgets``: :func:`site_budgets`. The site's data size is not read here (a
+    deployment must be answered within seconds): DP-SGD's noise is checked when the job starts."""
     from fedoap.privacy.budget import BudgetRefusal, JobShape, plan_mechanism
+
+    if not budgets:
+        return ""
     with open(run_config_path) as f:
         document = json.load(f)
     training = TrainingOptions(**document.get("training", {}))
@@ -114,9 +141,9 @@ def budget_refusal(run_config_path: str, scopes: Optional[dict] = None) -> str:
     shape = JobShape(rounds=training.rounds, local_epochs=training.local_epochs,
                      batch_size=privacy.dp_sgd_batch_size or training.batch_size, sites=robustness.min_responses or 1)
     reasons = []
-    for name, scope in scopes.items():
+    for name, scope_budgets in budgets.items():
         try:
-            for budget in _scope_budgets(scope):
+            for budget in scope_budgets:
                 plan_mechanism(budget, shape)
         except BudgetRefusal as err:
             reasons.append(f"scope {name!r}: {err}")
