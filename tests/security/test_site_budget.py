@@ -28,7 +28,8 @@ from nvflare.private.fed.app.fl_conf import create_privacy_manager
 from fedoap.config import RUN_CONFIG_FILE, RunConfig
 from fedoap.data import generate_site
 from fedoap.privacy.at_rest import create_key, site_key_path
-from fedoap.privacy.budget import BudgetRefusal, DPBudget, JobShape, plan_mechanism
+from fedoap.privacy.budget import (BudgetRefusal, DPBudget, JobShape, gaussian_epsilon, gaussian_noise_for,
+                                   plan_mechanism)
 from fedoap.privacy.dp import update_dp_epsilon
 from fedoap.privacy.ledger import PrivacyLedger, Release, epsilon_of, ledger_path
 from fedoap.protocol import DP_STAMP_KEY, SITE_DP_POLICY_KEY, TRAIN_TASK
@@ -81,6 +82,15 @@ def test_the_derived_noise_spends_the_budget_by_opacus_accountant():
     assert (sgd.kind, sgd.unit, sgd.sample_rate, sgd.steps) == ("dp_sgd", "slice", 0.25, 96)
     assert sgd.mean_noise == pytest.approx(sgd.noise_multiplier / 51)  # int(204 * 0.25) expected per batch
     assert 7.9 <= epsilon_of([Release(sgd.noise_multiplier, sgd.sample_rate, sgd.steps)], DELTA) <= 8.0
+
+
+@pytest.mark.parametrize("sigma, releases", [(0.5, 3), (1.0, 3), (2.21, 12), (5.0, 100)])
+def test_the_torch_free_calibration_equals_opacus_accountant(sigma, releases):
+    """What a site's parent process computes at deployment (numpy only) is Opacus's RDP accountant's epsilon."""
+    assert gaussian_epsilon(sigma, releases, DELTA) == pytest.approx(update_dp_epsilon(sigma, releases, DELTA),
+                                                                     rel=1e-12)
+    noise = gaussian_noise_for(8.0, releases, DELTA)
+    assert 7.99 <= update_dp_epsilon(noise, releases, DELTA) <= 8.0
 
 
 def test_client_level_dp_with_two_sites_is_refused_with_the_reason():
