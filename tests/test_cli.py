@@ -81,7 +81,7 @@ def test_bad_fault_options_fail_before_anything_starts(tmp_path, option, message
     run = _fedoap("simulate", *option, "--out", str(tmp_path / "out"))
     _, err = run.communicate(timeout=60)
     assert run.returncode == 2 and err == f"fedoap: error: {message}\n"
-    assert time.time() - start < 10  # importing torch (the method's check) is most of it
+    assert time.time() - start < 20  # importing torch (the method's check) is most of it; a run takes far longer
     assert not (tmp_path / "out").exists()
 
 
@@ -95,7 +95,7 @@ def test_a_device_this_machine_lacks_fails_at_once(tmp_path):
     _, err = run.communicate(timeout=60)
     assert run.returncode == 2 and err == ("fedoap: error: --device cuda: no CUDA device is available on this machine "
                                            "(use --device cpu)\n")
-    assert time.time() - start < 10  # importing torch is most of it
+    assert time.time() - start < 20  # importing torch is most of it; a run takes far longer
 
 
 def test_an_unwritable_out_is_one_line(tmp_path, capsys):

@@ -28,7 +28,10 @@ from test_poc_e2e import DATA, ROOT, SITES, Poc, _free_ports
 
 pytestmark = [pytest.mark.poc, pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")]
 
-FAULT_OPTIONS = ["--rounds", "3", "--round-timeout", "30", "--min-responses", "1"]
+#: short jobs: 3 rounds of one epoch at 32 x 32 (under the sites' default budget every round is DP-SGD on about 100
+#: slices per site, which must fit the 30 s round timeout on a loaded 2-core machine)
+FAULT_OPTIONS = ["--rounds", "3", "--round-timeout", "30", "--min-responses", "1", "--local-epochs", "1",
+                 "--finetune-epochs", "2", "--image-size", "32"]
 
 
 def _kill(pids: list[int]) -> None:
