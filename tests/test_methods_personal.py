@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from fedoap.data import SliceSet
 from fedoap.losses import BCEDiceLoss
