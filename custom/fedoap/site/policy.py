@@ -147,6 +147,33 @@ def _dp_sgd_problem(entry: Any) -> Optional[str]:
     return None
 
 
+_CLIENT_STAMP_KEYS = _STAMP_KEYS - {"releases"}
+
+
+def _stamp_problem(stamp: dict, client_required: bool) -> Optional[str]:
+    """Why a stamp is malformed, or None: exactly ``releases`` (1), the client-level keys (all of them, or, when not
+    ``client_required``, none), and optionally a well-formed ``dp_sgd`` entry; numbers finite."""
+    keys = set(stamp)
+    missing = (_STAMP_KEYS if client_required or keys & _CLIENT_STAMP_KEYS else {"releases"}) - keys
+    extra = keys - _STAMP_KEYS - {_DP_SGD_KEY}
+    if missing or extra:
+        return (f"malformed DP stamp {stamp!r}: " + (f"lacks {sorted(missing)}" if missing else "")
+                + ("; " if missing and extra else "") + (f"unknown keys {sorted(extra, key=str)}" if extra else ""))
+    if keys & _CLIENT_STAMP_KEYS:
+        values = [stamp[k] for k in ("clip_norm", "noise_multiplier", "delta")]
+        if not all(_is_number(v) for v in values):
+            return f"malformed DP stamp {stamp!r}: clip_norm, noise_multiplier and delta must be numbers"
+        if not all(math.isfinite(float(v)) for v in values):
+            return f"non-finite DP stamp {stamp!r}"
+    if not _is_count(stamp["releases"]) or int(stamp["releases"]) != 1:
+        return f"malformed DP stamp {stamp!r}: a result is one release, 'releases' must be 1"
+    if _DP_SGD_KEY in stamp:
+        problem = _dp_sgd_problem(stamp[_DP_SGD_KEY])
+        if problem:
+            return f"malformed DP stamp {stamp!r}: {problem}"
+    return None
+
+
 def check_stamp(stamp: Any, policy: UpdateDPConfig) -> Optional[str]:
     """Why ``stamp`` (the DP a result went through) is malformed or weaker than ``policy``, or None if it is a
     well-formed stamp at least as strict.
@@ -157,22 +184,10 @@ def check_stamp(stamp: Any, policy: UpdateDPConfig) -> Optional[str]:
     """
     if not isinstance(stamp, dict):
         return f"the result carries parameters but no client-level DP stamp ({DP_STAMP_KEY!r})"
-    missing, extra = _STAMP_KEYS - set(stamp), set(stamp) - _STAMP_KEYS - {_DP_SGD_KEY}
-    if missing or extra:
-        return (f"malformed DP stamp {stamp!r}: " + (f"lacks {sorted(missing)}" if missing else "")
-                + ("; " if missing and extra else "") + (f"unknown keys {sorted(extra, key=str)}" if extra else ""))
-    values = [stamp[k] for k in ("clip_norm", "noise_multiplier", "delta")]
-    if not all(_is_number(v) for v in values):
-        return f"malformed DP stamp {stamp!r}: clip_norm, noise_multiplier and delta must be numbers"
-    clip, sigma, delta = (float(v) for v in values)
-    if not all(math.isfinite(v) for v in (clip, sigma, delta)):
-        return f"non-finite DP stamp {stamp!r}"
-    if not _is_count(stamp["releases"]) or int(stamp["releases"]) != 1:
-        return f"malformed DP stamp {stamp!r}: a result is one release, 'releases' must be 1"
-    if _DP_SGD_KEY in stamp:
-        problem = _dp_sgd_problem(stamp[_DP_SGD_KEY])
-        if problem:
-            return f"malformed DP stamp {stamp!r}: {problem}"
+    problem = _stamp_problem(stamp, client_required=True)
+    if problem:
+        return problem
+    clip, sigma, delta = (float(stamp[k]) for k in ("clip_norm", "noise_multiplier", "delta"))
     if clip > policy.clip_norm * (1 + _TOLERANCE):
         return f"clip norm {clip} is larger than the site's {policy.clip_norm}"
     if sigma < policy.noise_multiplier * (1 - _TOLERANCE):
@@ -180,9 +195,6 @@ def check_stamp(stamp: Any, policy: UpdateDPConfig) -> Optional[str]:
     if delta > policy.delta * (1 + _TOLERANCE):
         return f"delta {delta} is larger than the site's {policy.delta}"
     return None
-
-
-_CLIENT_STAMP_KEYS = _STAMP_KEYS - {"releases"}
 
 
 def check_budget_stamp(stamp: Any, budget: DPBudget) -> Optional[str]:
@@ -195,24 +207,14 @@ def check_budget_stamp(stamp: Any, budget: DPBudget) -> Optional[str]:
     """
     if not isinstance(stamp, dict):
         return f"the result carries parameters but no DP stamp ({DP_STAMP_KEY!r})"
-    keys = set(stamp)
-    client, extra = _CLIENT_STAMP_KEYS & keys, keys - _STAMP_KEYS - {_DP_SGD_KEY}
-    if extra or (client and client != _CLIENT_STAMP_KEYS) or "releases" not in keys:
-        return (f"malformed DP stamp {stamp!r}: a stamp is 'releases' with the client-level keys "
-                f"{sorted(_CLIENT_STAMP_KEYS)} (all or none) and/or {_DP_SGD_KEY!r}")
-    if not _is_count(stamp["releases"]) or int(stamp["releases"]) != 1:
-        return f"malformed DP stamp {stamp!r}: a result is one release, 'releases' must be 1"
-    if client:
-        values = [stamp[k] for k in ("clip_norm", "noise_multiplier", "delta")]
-        if not all(_is_number(v) and math.isfinite(float(v)) for v in values) or float(stamp["clip_norm"]) <= 0 \
-                or float(stamp["noise_multiplier"]) < 0:
-            return f"malformed DP stamp {stamp!r}: clip_norm > 0, noise_multiplier >= 0 and delta must be numbers"
+    problem = _stamp_problem(stamp, client_required=False)
+    if problem:
+        return problem
+    if "clip_norm" in stamp:
+        if float(stamp["clip_norm"]) <= 0 or float(stamp["noise_multiplier"]) < 0:
+            return f"malformed DP stamp {stamp!r}: clip_norm must be > 0 and noise_multiplier >= 0"
         if float(stamp["delta"]) > budget.delta * (1 + _TOLERANCE):
             return f"delta {stamp['delta']} is larger than the site's {budget.delta}"
-    if _DP_SGD_KEY in stamp:
-        problem = _dp_sgd_problem(stamp[_DP_SGD_KEY])
-        if problem:
-            return f"malformed DP stamp {stamp!r}: {problem}"
     if _covering_unit(stamp, budget) is None:
         return (f"the result went through no DP that protects a {budget.unit} (the site's budget): client-level DP "
                 f"of the update{'' if budget.unit == 'site' else ' or DP-SGD per ' + budget.unit} is needed")
