@@ -26,13 +26,15 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 from monai.data import NibabelReader, PILReader
-from monai.transforms import Resize, ScaleIntensityRange, ScaleIntensityRangePercentiles, Transform
+from monai.transforms import Resize, Transform
 from monai.utils import convert_to_numpy
 from nibabel.nifti1 import Nifti1Header
 from nibabel.nifti2 import Nifti2Header
 from nibabel.spatialimages import SpatialImage
 from PIL import Image
 from PIL.Image import Image as PILImage
+
+from fedoap.data.normalization import CT_WINDOWS, MRI_PERCENTILES, modality_family, normalization_for, normalizer
 
 __all__ = [
     "CT_WINDOWS",
@@ -48,16 +50,6 @@ __all__ = [
     "load_site",
     "load_unseen",
 ]
-
-CT_WINDOWS: dict[str, tuple[float, float]] = {"default": (-200.0, 250.0), "lung": (-1000.0, 400.0)}
-"""
-HU window ``(low, high)`` mapped to [0, 1] for CT sites, keyed by organ. Soft-tissue organs use
-``"default"``; lung needs the wide window, otherwise the aerated parenchyma and the nodules inside it
-are clipped to the same value.
-"""
-
-MRI_PERCENTILES: tuple[float, float] = (0.5, 99.5)
-"""Per-volume intensity percentiles mapped to [0, 1] for MRI sites (MR intensities have no physical unit)."""
 
 MAX_VOXELS: int = 2**28
 """
@@ -88,21 +80,6 @@ kilobytes later when an extension is present.
 MAX_DATASET_JSON_BYTES: int = 2**24
 """Upper bound on the size of ``dataset.json``; the largest MSD lists are well under a megabyte."""
 
-_MODALITY_FAMILIES: dict[str, str] = {
-    "CT": "CT",
-    "MRI": "MRI",
-    "MR": "MRI",
-    "FLAIR": "MRI",
-    "T1": "MRI",
-    "T1W": "MRI",
-    "T1GD": "MRI",
-    "T2": "MRI",
-    "T2W": "MRI",
-    "ADC": "MRI",
-    "DWI": "MRI",
-    "US": "US",
-    "ULTRASOUND": "US",
-}
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -152,7 +129,8 @@ class SliceSet:
 
 @dataclass
 class SiteData:
-    """A site split by case into train/val/test; ``modality`` is the family "CT", "MRI", "US" or the raw MSD string."""
+    """A site split by case into train/val/test; ``modality`` is the family "CT", "MRI", "US" or the raw MSD string;
+    ``volumetric`` says whether its images are 3D NIfTI volumes (cut into slices) rather than 2D images."""
 
     name: str
     organ: str
@@ -160,6 +138,7 @@ class SiteData:
     train: SliceSet
     val: SliceSet
     test: SliceSet
+    volumetric: bool = False
 
 
 def read_dataset_json(site_dir: str | Path) -> dict:
@@ -238,6 +217,7 @@ def load_site(
         train=train,
         val=val,
         test=test,
+        volumetric=any(image.name.lower().endswith(_NIFTI_SUFFIXES) for image, _ in files),
     )
 
 
@@ -516,18 +496,12 @@ def _organ(dataset: dict) -> str:
 
 def _modality_family(dataset: dict) -> str:
     """Map the MSD modality of channel 0 (e.g. "FLAIR", "CT") to the family that picks the normalisation."""
-    raw = dataset["modality"]["0"]
-    return _MODALITY_FAMILIES.get(raw.upper(), raw)
+    return modality_family(dataset["modality"]["0"])
 
 
 def _normalizer(modality: str, organ: str) -> Transform:
-    """Per-volume intensity normalisation to [0, 1]: HU window for CT, percentiles for MRI, 8-bit range otherwise."""
-    if modality == "CT":
-        low, high = CT_WINDOWS.get(organ, CT_WINDOWS["default"])
-        return ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
-    if modality == "MRI":
-        return ScaleIntensityRangePercentiles(*MRI_PERCENTILES, b_min=0.0, b_max=1.0, clip=True)
-    return ScaleIntensityRange(a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True)
+    """Per-volume intensity normalisation to [0, 1] (:func:`fedoap.data.normalization.normalization_for`)."""
+    return normalizer(normalization_for(modality, organ))
 
 
 def _split_counts(n_cases: int, fractions: Sequence[float]) -> np.ndarray:
@@ -548,11 +522,6 @@ def _case_id(path: str) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
-
-
-def _to_gray(image: PILImage) -> PILImage:
-    """PIL converter: colour and palette images to 8-bit grayscale, grayscale modes untouched."""
-    return image.convert("L") if image.mode in ("RGB", "RGBA", "P", "LA", "CMYK", "YCbCr") else image
 
 
 def _to_gray(image: PILImage) -> PILImage:

@@ -52,6 +52,8 @@ __all__ = [
     "load_personalized_model",
     "load_overlays",
     "load_detail",
+    "model_bytes",
+    "output_context",
 ]
 
 MODEL_FILE = "personalized_model.safetensors"
@@ -93,13 +95,13 @@ def find_site_outputs(out_dir: str | os.PathLike) -> SiteOutputs:
                             f"{DETAIL_FILE}{ENCRYPTED_SUFFIX})")
 
 
-def _context(path: Path) -> str:
-    """What is bound to the ciphertext: the file's plain name."""
+def output_context(path: Path) -> str:
+    """What is bound to the ciphertext of a site output file: the file's plain name."""
     name = path.name[: -len(ENCRYPTED_SUFFIX)] if path.name.endswith(ENCRYPTED_SUFFIX) else path.name
     return f"fedoap site output {name}"
 
 
-def _model_bytes(state_dict: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]]) -> bytes:
+def model_bytes(state_dict: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]]) -> bytes:
     bad = [k for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise ValueError(f"state_dict must map names to tensors; {bad[0]!r} does not")
@@ -152,19 +154,19 @@ def write_site_outputs(
     Raises:
         ValueError: a value that cannot be stored without pickle, non-string metadata, or a key that is not 32 bytes.
     """
-    blobs = (_model_bytes(state_dict, model_metadata), _overlay_bytes(overlays), to_json_text(detail).encode("utf-8"))
+    blobs = (model_bytes(state_dict, model_metadata), _overlay_bytes(overlays), to_json_text(detail).encode("utf-8"))
     paths = site_output_paths(out_dir, encrypted=key is not None)
     stale = site_output_paths(out_dir, encrypted=key is None)
     for path, old, blob in zip((paths.model, paths.overlays, paths.detail),
                                (stale.model, stale.overlays, stale.detail), blobs):
-        save_private(path, blob, key=key, context=_context(path))
+        save_private(path, blob, key=key, context=output_context(path))
         old.unlink(missing_ok=True)
     return paths
 
 
 def _read(path: str | os.PathLike, key: Optional[bytes]) -> tuple[Path, bytes]:
     path = Path(path)
-    return path, load_private(path, key=key, context=_context(path))
+    return path, load_private(path, key=key, context=output_context(path))
 
 
 def load_personalized_model(path: str | os.PathLike, key: Optional[bytes] = None) -> dict[str, torch.Tensor]:

@@ -33,6 +33,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -40,7 +41,9 @@ import numpy as np
 
 from fedoap.config import DataOptions, RunConfig
 from fedoap.data import SiteData, SliceSet, load_site, load_unseen
+from fedoap.data.normalization import normalization_for
 from fedoap.eval.metrics import EMPTY_MASK_RULE, summarize
+from fedoap.inference.model_file import ModelCard, Preprocessing, model_file_metadata
 from fedoap.methods.centralized import pool_sites
 from fedoap.privacy.at_rest import find_site_key, make_private_dir
 from fedoap.privacy.budget import DPBudget, JobShape
@@ -484,8 +487,34 @@ class SiteSession:
         write_site_outputs(out_dir, state_dict=trainer.model.state_dict(),
                            overlays={"image": data.test.images[idx, 0], "label": data.test.labels[idx, 0],
                                      "pred": trainer.predict(data.test.images[idx]).numpy()[:, 0]},
-                           detail={**detail, "metrics": metrics}, key=self.at_rest_key)
+                           detail={**detail, "metrics": metrics}, key=self.at_rest_key,
+                           model_metadata=model_file_metadata(self._model_card(trainer, data, metrics)))
         return metrics
+
+    def _model_card(self, trainer: LocalTrainer, data: SiteData, metrics: Mapping[str, Any]) -> ModelCard:
+        """What the personalized model file says about itself: network, preprocessing, method, partition and where it
+        came from (the epsilon this site spent on the job, its validation and test Dice)."""
+        training = self.config.training
+        spent: dict[str, float] = {}
+        if trainer.dp is not None:
+            spent.update(dp_sgd_epsilon=float(trainer.dp.epsilon()), dp_sgd_delta=float(trainer.dp.config.delta))
+        accountant = self.privacy.accountant if self.privacy is not None else None
+        if accountant is not None and self.privacy.update_dp is not None:
+            delta = float(self.privacy.update_dp.delta)
+            spent.update(dp_update_epsilon=float(accountant.epsilon(delta)), dp_update_delta=delta)
+        return ModelCard(
+            network=self.method.model_spec(training.model_args()),
+            preprocessing=Preprocessing(modality=data.modality, organ=data.organ,
+                                        normalization=normalization_for(data.modality, data.organ),
+                                        image_size=int(training.image_size), volumetric=bool(data.volumetric)),
+            method={"name": self.config.method.name, "args": dict(self.config.method.args)},
+            shared_keys=tuple(self.method.shared_keys(trainer.model)),
+            provenance={"job_id": self.job_id, "site": data.name, "rounds": int(training.rounds),
+                        "finetune_epochs": int(training.finetune_epochs), "seed": int(training.seed),
+                        "privacy": spent, "val_dice": float(metrics["val_dice"]),
+                        "test_dice": float(metrics["test_dice"]), "test_hd95": float(metrics["test_hd95"]),
+                        "empty_mask_rule": EMPTY_MASK_RULE,
+                        "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
     def _site_privacy(self, site_policy: Optional[UpdateDPConfig | DPBudget],
                       ledger: Optional[Mapping[str, Any]] = None) -> SitePrivacy:
