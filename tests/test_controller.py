@@ -16,12 +16,15 @@ from fedoap.protocol import HISTORY_FILE
 
 SCRIPT = Path(__file__).parent / "scripts" / "scripted_client.py"
 SITES = ["good-1", "good-3", "nan", "shape", "liar", "garbage"]
+#: one machine: sites ask for their next task every 0.2 s instead of NVFlare's 2 s
+FAST_POLLING = {"server": {"task_request_interval": 0.2}}
 
 
 def test_controller_averages_shared_keys_drops_and_rejects(tmp_path):
     job = BaseFedJob(name="ctl", initial_model=torch.nn.Linear(4, 2), min_clients=len(SITES))
     job.to_server(SharedParamsFedAvg(num_rounds=2, min_clients=len(SITES), shared_keys=["weight"], method="fedavg"))
     job.to_clients(ScriptRunner(script=str(SCRIPT)))
+    job.to_server(FAST_POLLING)
     job.simulator_run(str(tmp_path / "ws"), clients=SITES, threads=len(SITES))
 
     server = tmp_path / "ws" / "server" / "simulate_job"
@@ -54,6 +57,7 @@ def test_controller_with_nothing_shared_only_paces_the_rounds(tmp_path):
     job = BaseFedJob(name="ctl-none", initial_model=torch.nn.Linear(4, 2), min_clients=len(sites))
     job.to_server(SharedParamsFedAvg(num_rounds=2, min_clients=len(sites), shared_keys=[], method="local"))
     job.to_clients(ScriptRunner(script=str(SCRIPT)))
+    job.to_server(FAST_POLLING)
     job.simulator_run(str(tmp_path / "ws"), clients=sites, threads=len(sites))
 
     server = tmp_path / "ws" / "server" / "simulate_job"
@@ -78,6 +82,7 @@ def test_controller_fednova_normalizes_by_the_reported_steps(tmp_path):
     job = BaseFedJob(name="ctl-nova", initial_model=initial, min_clients=len(SITES), model_persistor=persistor)
     job.to_server(SharedParamsFedAvg(num_rounds=2, min_clients=len(SITES), shared_keys=["weight"], method="fednova"))
     job.to_clients(ScriptRunner(script=str(SCRIPT)))
+    job.to_server(FAST_POLLING)
     job.simulator_run(str(tmp_path / "ws"), clients=SITES, threads=len(SITES))
 
     server = tmp_path / "ws" / "server" / "simulate_job"

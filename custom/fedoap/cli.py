@@ -17,6 +17,10 @@
     fedoap export-jobs [--out jobs] [--byoc]                                    regenerate the NVFlare jobs in jobs/
     fedoap poc-configure [WORKSPACE] --data DIR [--unseen lung]                 site policies, data, HE keys into a POC
     fedoap site-configure SITE_KIT --data DIR [--unseen DIR]                    one provisioned site's policies and keys
+    fedoap predict --model MODEL --input PATH --out DIR [--overlay]             segment new scans with a personalized model
+    fedoap evaluate --model MODEL --data DIR [--out DIR]                        per-case 3D Dice/HD95 on labelled cases
+    fedoap export-bundle --model MODEL --out DIR                                the model as a MONAI bundle
+    fedoap bench predict [--out DIR]                                            predict's volumes/s vs a plain MONAI loop
 
 The run options (training, method, privacy, the simulated federation) are generated from ``fedoap.config``, where
 each is declared once; presets (export-jobs, bench) only change defaults. Every bad option is one line and exit
@@ -151,6 +155,11 @@ def _bench_options(p: argparse.ArgumentParser) -> None:
                                                               "simulator process (default 1)")
     dp.add_argument("--total-epochs", type=int, default=None,
                     help="rounds = total epochs / local epochs (not with --rounds)")
+    pred = bench_sub.add_parser("predict", help="fedoap predict's volumes/s and slices/s against a plain MONAI "
+                                                "SliceInferer loop over the same network and scans, side by side")
+    from fedoap.bench_predict import add_options as add_predict_options  # light: imports no torch
+
+    add_predict_options(pred)
     add_options(dp, PrivacyOptions, only=("dp_delta",), preset=True)
     add_options(dp, TrainingOptions, exclude=("seed",), preset=True,
                 title="Training (overrides of fedoap simulate's defaults)")
@@ -377,6 +386,10 @@ def _bench(args: argparse.Namespace) -> None:
         bench_dp.run_bench_dp(args.settings, args.epsilons, args.seeds, _writable(args.out), overrides,
                               client_clip=args.client_clip, distributed_via=args.distributed_via,
                               delta=args.dp_delta)
+    elif args.bench == "predict":
+        from fedoap.bench_predict import run as bench_predict
+
+        bench_predict(args)
     else:
         training, privacy = from_namespace(TrainingOptions, args), from_namespace(PrivacyOptions, args)
         out = _writable(args.out)
@@ -410,6 +423,15 @@ def _site_configure(args: argparse.Namespace) -> None:
     print(json.dumps(configure_site(args.kit, args.data, args.unseen, args.policies or POLICY_DIR), indent=2))
 
 
+def _from(module: str, name: str) -> Callable:
+    """``module.name``, imported when called: a command loads only what it uses."""
+    def call(arg):
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(arg)
+    return call
+
+
 #: every command: its help, the function that adds its options, the function that runs it
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {
     "simulate": ("run a federation on the NVFlare simulator and report per-site results",
@@ -427,6 +449,14 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
                     "code pre-installed on sites, data from site configuration", _export_jobs_options, _export_jobs),
     "poc-configure": ("install site privacy policies, class allow-lists and data locations into a prepared NVFlare "
                       "POC workspace (before 'nvflare poc start')", _poc_configure_options, _poc_configure),
+    "predict": ("segment new scans (NIfTI volumes, PNG/JPEG images, or a folder of them) with a site's personalized "
+                "model file", _from("fedoap.inference.predict", "add_options"), _from("fedoap.inference.predict", "run")),
+    "evaluate": ("score a personalized model on a labelled MSD-layout folder: per-case 3D Dice and HD95 (mm) and "
+                 "per-slice scores; a CSV per case and a summary", _from("fedoap.inference.evaluate", "add_options"),
+                 _from("fedoap.inference.evaluate", "run")),
+    "export-bundle": ("write a personalized model file as a MONAI bundle (configs/metadata.json, "
+                      "configs/inference.json, models/) that MONAI's bundle runner applies to a folder of NIfTI files",
+                      _from("fedoap.inference.bundle", "add_options"), _from("fedoap.inference.bundle", "run")),
     "site-configure": ("a provisioned client site: install the project's privacy policies, class allow-list, "
                        "authorization, its data location and an at-rest key into its startup kit's local/ (before "
                        "starting the site)", _site_configure_options, _site_configure),

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from fedoap.eval.metrics import EMPTY_MASK_RULE
+from fedoap.eval.volume import VOLUME_DICE_RULE
 
 __all__ = ["results_table", "plot_dice_per_round", "plot_overlays"]
 
@@ -20,16 +21,20 @@ def _fmt(value: Any, digits: int) -> str:
 def results_table(results: Mapping[str, Any]) -> str:
     """Plain-text table of the personalized models: one row per site, then the mean."""
     unseen = results.get("unseen", {})
-    header = f"{'site':<12} {'organ':<8} {'n_test':>6} {'Dice':>7} {'HD95 px':>8} {'unseen organ':>13} {'unseen Dice':>11}"
+    header = (f"{'site':<12} {'organ':<8} {'n_test':>6} {'Dice':>7} {'HD95 px':>8} {'3D Dice':>7} {'unseen organ':>13} "
+              f"{'unseen Dice':>11}")
     lines = [f"{results['method']} after {results['rounds']} rounds (personalized models, test split)", header,
              "-" * len(header)]
-    dice, hd = [], []
+    dice, hd, volume = [], [], []
     for site, row in sorted(results["clients"].items()):
         u = unseen.get(site, {})
         lines.append(
             f"{site:<12} {row['organ']:<8} {row['n_test']:>6} {_fmt(row['dice'], 3):>7} {_fmt(row['hd95'], 1):>8} "
+            f"{_fmt(row['volume_dice'], 3) if 'volume_dice' in row else '-':>7} "
             f"{u.get('organ', '-'):>13} {_fmt(u.get('dice'), 3):>11}"
         )
+        if row.get("volume_dice") is not None:
+            volume.append(row["volume_dice"])
         dice.append(row["dice"])
         hd.append(row["hd95"])
     lines.append("-" * len(header))
@@ -37,10 +42,14 @@ def results_table(results: Mapping[str, Any]) -> str:
     mean_unseen = [u["dice"] for u in unseen.values() if u.get("dice") is not None]
     lines.append(
         f"{'mean':<12} {'':<8} {'':>6} {_fmt(float(np.mean(dice)), 3):>7} "
-        f"{_fmt(float(np.mean(finite_hd)) if finite_hd else None, 1):>8} {'':>13} "
+        f"{_fmt(float(np.mean(finite_hd)) if finite_hd else None, 1):>8} "
+        f"{_fmt(float(np.mean(volume)), 3) if volume else '':>7} {'':>13} "
         f"{_fmt(float(np.mean(mean_unseen)) if mean_unseen else None, 3):>11}"
     )
     lines.append(EMPTY_MASK_RULE)
+    if volume:
+        lines.append("3D Dice (3D sites): per test case over its stacked slices at the training size. "
+                     + VOLUME_DICE_RULE)
     return "\n".join(lines)
 
 

@@ -387,6 +387,10 @@ def run_simulation(run: RunConfig, federation: FederationOptions, out: str | os.
         clients[site] = {"organ": m["organ"], "dice": m["test_dice"], "hd95": m["test_hd95"], "n_test": m["n_test"],
                          "n_test_empty": m["n_test_empty"], "best_finetune_epoch": m["best_finetune_epoch"],
                          "best_val_dice": m["best_val_dice"]}
+        if m.get("test_volume_dice") is not None:  # a 3D site: per-case Dice over its stacked test slices
+            n_volumes = m.get("n_test_volumes")  # a float under DP (public metrics are rounded numbers)
+            clients[site].update(volume_dice=m["test_volume_dice"],
+                                 n_test_volumes=int(n_volumes) if isinstance(n_volumes, (int, float)) else None)
         if unseen_dir is not None:
             unseen[site] = {"organ": federation.unseen, "dice": m.get("unseen_dice"), "hd95": m.get("unseen_hd95")}
         uploads = [r["sites"][site]["bytes_uploaded"] for r in history["rounds"] if site in r["sites"]]

@@ -268,5 +268,9 @@ def load_model(path: str | os.PathLike, key: Optional[bytes] = None,
         weights = load_safetensors(data)
     except SafetensorError as err:
         raise ValueError(f"{path} is not a safetensors model file: {err}") from None
-    network = load_weights_into(card.build_network(), weights, str(path))
+    try:
+        network = card.build_network()
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    network = load_weights_into(network, weights, str(path))
     return PersonalizedModel(network=network.to(device).eval(), card=card)

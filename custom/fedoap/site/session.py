@@ -38,11 +38,13 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import numpy as np
+import torch
 
 from fedoap.config import DataOptions, RunConfig
 from fedoap.data import SiteData, SliceSet, load_site, load_unseen
 from fedoap.data.normalization import normalization_for
-from fedoap.eval.metrics import EMPTY_MASK_RULE, summarize
+from fedoap.eval.metrics import EMPTY_MASK_RULE, per_image_scores, summarize
+from fedoap.eval.volume import VOLUME_EMPTY_MASK_RULE, dice_per_case
 from fedoap.inference.model_file import ModelCard, Preprocessing, model_file_metadata
 from fedoap.methods.centralized import pool_sites
 from fedoap.privacy.at_rest import find_site_key, make_private_dir
@@ -465,7 +467,8 @@ class SiteSession:
     # -- helpers -------------------------------------------------------------------------------------------------------
     def _personalize(self, trainer: LocalTrainer, data: SiteData, out_dir: Path) -> dict[str, Any]:
         finetune = trainer.finetune()
-        test_scores = trainer.evaluate(data.test)
+        test_pred = trainer.predict(data.test.images)  # once: the per-slice and the per-volume scores share it
+        test_scores = per_image_scores(test_pred, torch.from_numpy(data.test.labels))  # = trainer.evaluate(data.test)
         test = summarize(test_scores)
         metrics = {
             "organ": data.organ,
@@ -479,6 +482,11 @@ class SiteSession:
         }
         detail = {"site": data.name, "empty_mask_rule": EMPTY_MASK_RULE, "finetune": finetune, "test": test,
                   "test_per_image_dice": test_scores.dice, "test_per_image_hd95": test_scores.hd95}
+        if data.volumetric:  # a 3D site: Dice per case over its stacked slices, at the training size
+            volume_dice = dice_per_case(test_pred, data.test.labels, data.test.case_ids)
+            metrics.update(test_volume_dice=float(np.mean(list(volume_dice.values()))),
+                           n_test_volumes=len(volume_dice))
+            detail.update(test_per_volume_dice=volume_dice, volume_empty_mask_rule=VOLUME_EMPTY_MASK_RULE)
         if self.unseen is not None:
             unseen_scores = summarize(trainer.evaluate(self.unseen))
             metrics.update({"unseen_dice": unseen_scores["dice"], "unseen_hd95": unseen_scores["hd95"]})
@@ -486,7 +494,7 @@ class SiteSession:
         idx = _overlay_indices(data.test, N_OVERLAYS)
         write_site_outputs(out_dir, state_dict=trainer.model.state_dict(),
                            overlays={"image": data.test.images[idx, 0], "label": data.test.labels[idx, 0],
-                                     "pred": trainer.predict(data.test.images[idx]).numpy()[:, 0]},
+                                     "pred": test_pred[idx].numpy()[:, 0]},
                            detail={**detail, "metrics": metrics}, key=self.at_rest_key,
                            model_metadata=model_file_metadata(self._model_card(trainer, data, metrics)))
         return metrics
