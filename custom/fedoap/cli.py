@@ -357,7 +357,9 @@ def _benchmark(args: argparse.Namespace) -> None:
     overrides = {k: getattr(args, k) for k in OVERRIDABLE if getattr(args, k, None) is not None}
     settings = resolve_settings(args.preset, overrides)  # every option checked before anything starts
     out = _writable(args.out)
-    TrainingOptions(device=settings["device"]).require_device()
+    checked = TrainingOptions(device=settings["device"], tracking=settings.get("tracking", "tensorboard"))
+    checked.require_device()
+    checked.require_tracking()
     run_benchmark(args.methods, args.seeds, args.preset, out, overrides, workers=args.workers)
 
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 __all__ = [
     "TrainingOptions", "MethodOptions", "PrivacyOptions", "DataOptions", "RobustnessOptions", "RunConfig",
     "FederationOptions",
-    "RUN_CONFIG_FILE", "DEFAULT_CLIENTS", "DEFAULT_UNSEEN", "METHOD_FLAGS",
+    "RUN_CONFIG_FILE", "DEFAULT_CLIENTS", "DEFAULT_UNSEEN", "METHOD_FLAGS", "TRACKING_PACKAGES", "TRACKING_CHOICES",
     "check_document", "option", "add_options", "add_method_flags", "from_namespace", "method_from_namespace",
     "run_config_from_namespace", "option_flag", "cli_args", "unet_model_args",
 ]
@@ -37,6 +37,10 @@ DEFAULT_CLIENTS = ("brain", "liver", "breast")
 DEFAULT_UNSEEN = "lung"
 
 Check = Callable[[Any], Optional[str]]
+
+#: experiment tracking backends (``TrainingOptions.tracking``) -> the package the server's receiver needs
+TRACKING_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
+TRACKING_CHOICES = (*TRACKING_PACKAGES, "none")
 
 
 # -- declaring an option -----------------------------------------------------------------------------------------------
@@ -221,6 +225,11 @@ class TrainingOptions:
     device: str = option("cpu", "cpu, cuda, cuda:1, ...", check=device_name)
     threads: int = option(0, "torch threads per site (0: the machine's cores shared among the sites)",
                           check=at_least(0))
+    tracking: str = option("tensorboard", "live training curves through NVFlare's experiment tracking: each site's "
+                                          "numeric metrics per round (exactly those it sends with its results) to "
+                                          "the server's TensorBoard event files (<server run folder>/tb_events/"
+                                          "<site>/) or MLflow run (the mlflow package on the server); none: off",
+                           choices=TRACKING_CHOICES)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -234,6 +243,21 @@ class TrainingOptions:
 
         return TrainConfig(batch_size=self.batch_size, lr=self.lr, local_epochs=self.local_epochs,
                            finetune_epochs=self.finetune_epochs, seed=self.seed, device=self.device)
+
+    def require_tracking(self) -> None:
+        """Refuse a tracking backend whose package this machine lacks, before anything starts (a check of the machine
+        that builds the job and, in simulation, runs its server: the server's receiver imports it; the sites log
+        through NVFlare alone, so a site never needs it and a run configuration is not refused for it).
+
+        Raises:
+            ValueError: ``--tracking mlflow`` (or tensorboard) without the package installed here.
+        """
+        import importlib.util
+
+        package = TRACKING_PACKAGES.get(self.tracking)
+        if package and importlib.util.find_spec(package) is None:
+            raise ValueError(f"--tracking {self.tracking}: the {package} package is not installed on this machine "
+                             f"(pip install {package}, or --tracking none)")
 
     def require_device(self) -> None:
         """Refuse a device this machine does not have (a check of the machine, not of the option: a recipe may name
@@ -865,15 +889,17 @@ def method_from_namespace(args: Any) -> MethodOptions:
 
 def run_config_from_namespace(args: Any, require_device: bool = True) -> RunConfig:
     """The :class:`RunConfig` an argparse namespace gives. The training options are checked first, then (with
-    ``require_device``, for a command that trains on this machine) the device, then the method, which imports torch
-    and the methods: a bad number is refused at once.
+    ``require_device``, for a command that trains on this machine) the device and the tracking package, then the
+    method, which imports torch and the methods: a bad number is refused at once.
 
     Raises:
-        ValueError: an invalid option (named), a device this machine lacks, or a combination the method refuses.
+        ValueError: an invalid option (named), a device or tracking package this machine lacks, or a combination the
+            method refuses.
     """
     training = from_namespace(TrainingOptions, args)
     if require_device:
         training.require_device()
+        training.require_tracking()
     return RunConfig(training=training, method=method_from_namespace(args),
                      privacy=from_namespace(PrivacyOptions, args),
                      robustness=from_namespace(RobustnessOptions, args))

@@ -3,7 +3,9 @@
 Every job carries no code (no ``app/custom/``): every site runs the fedoap package installed on it, so a submitter
 needs no bring-your-own-code right and each site's class allow-list (``poc_workspace/local/resources.json``) decides
 what may run. Its options are one file, ``app/config/fedoap_run.json`` (``fedoap.config.RunConfig``). No job names
-a data path: each site reads its own from ``local/fedoap_site.json`` (``fedoap.site.site_config``). ``byoc=True``
+a data path: each site reads its own from ``local/fedoap_site.json`` (``fedoap.site.site_config``). The server
+tracks each site's per-round metrics (``fedoap.tracking``) as TensorBoard event files in ``tb_events/<site>/`` of the
+job's server workspace (``--tracking none``: no receiver). ``byoc=True``
 writes the same jobs with the whole package in ``app/custom/`` (bring-your-own-code); those are not committed.
 Measured in POC: on a site with fedoap installed (which its privacy filter needs), a BYOC job's client script runs
 from the job, but the modules it imports come from the installed package (already imported for the filter, and ahead
@@ -28,9 +30,10 @@ __all__ = ["JOB_TRAINING", "MIN_CLIENTS", "JOBS", "build_recipe", "export_jobs",
 
 #: the training every exported job runs with (a partial override of the defaults): 64 x 64 slices and a narrow
 #: network, so that a 2-site POC on a CPU laptop learns a useful model in a few minutes under the sites' default
-#: privacy budget (DP-SGD at epsilon 8 per slice, poc_workspace/local/privacy.json)
+#: privacy budget (DP-SGD at epsilon 8 per slice, poc_workspace/local/privacy.json); live curves in TensorBoard event
+#: files on the server (tensorboard is a dependency of fedoap; the receiver is on the shipped allow-list)
 JOB_TRAINING = TrainingOptions(rounds=8, local_epochs=2, finetune_epochs=15, image_size=64, width=8, batch_size=16,
-                               threads=1)
+                               threads=1, tracking="tensorboard")
 #: sites per round of every exported job (the POC's two)
 MIN_CLIENTS = 2
 

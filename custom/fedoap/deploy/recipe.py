@@ -30,6 +30,7 @@ from nvflare.job_config.script_runner import ScriptRunner
 from fedoap.config import RUN_CONFIG_FILE, RunConfig
 from fedoap.server.controller import SharedParamsFedAvg
 from fedoap.site.executor import CLIENT_SCRIPT, FedOAPExecutor, resolve_client_script
+from fedoap.tracking import add_tracking
 
 __all__ = ["FedOAPRecipe", "FedOAPScriptRunner", "round_timeouts"]
 
@@ -103,13 +104,18 @@ class FedOAPRecipe(FedAvgRecipe):
     each site's identity key and every participant's roster of identity keys (``fedoap secagg-keys``, or
     ``$FEDOAP_SECAGG_DIR`` in simulation).
 
+    With ``config.training.tracking`` ("tensorboard", the default, or "mlflow") the server gets NVFlare's receiver of
+    the sites' tracked metrics (``fedoap.tracking``): TensorBoard event files in ``tb_events/<site>/`` of the server's
+    run folder, or an MLflow run; "none" adds nothing.
+
     Attributes:
         network: the initial network (seeded with ``config.training.seed``), built once.
         shared_keys: the state-dict keys that travel, computed once from :attr:`network`.
 
     Raises:
         ValueError: the controller refuses the method's server rule for these shared keys (the combinations of the
-            method and privacy were refused already, by :class:`~fedoap.config.RunConfig`).
+            method and privacy were refused already, by :class:`~fedoap.config.RunConfig`), or the tracking backend's
+            package is not installed here (NVFlare builds its receiver with the job).
     """
 
     def __init__(
@@ -153,6 +159,8 @@ class FedOAPRecipe(FedAvgRecipe):
             self.add_server_config({"server": {"task_request_interval": task_request_interval}})
         if installed_code:  # the components' modules come from the sites' installed package, not from the job
             self._job.set_app_packages(["fedoap"])
+        # live curves: the server's receiver of the sites' tracked metrics (config.training.tracking; "none": none)
+        add_tracking(self, config.training.tracking)
 
     def _create_client_runner(self, site_config: dict) -> FedOAPScriptRunner:
         return FedOAPScriptRunner(run_config_file=self._run_config_file, framework=self._client_runner_framework,
