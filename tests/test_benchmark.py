@@ -10,7 +10,7 @@ import pytest
 from fedoap.benchmark import protocol_round, resolve_settings, run_benchmark, summarize_run
 from fedoap.cli import main
 from fedoap.data import generate_site
-from fedoap.eval.metrics import EMPTY_MASK_RULE
+from fedoap.eval.metrics import EMPTY_MASK_RULE, LESION_FP_RULE
 from fedoap.methods import METHODS, FedAvg
 
 METHODS_OK = ("fedoap", "local")
@@ -132,6 +132,11 @@ def test_means_stds_and_worst_client_match_the_runs(bench):
         assert agg["mean_dice"]["mean"] == pytest.approx(np.mean(mean))
         unseen = [np.mean([u["dice"] for u in r["unseen"].values()]) for r in runs]
         assert agg["unseen_dice"]["mean"] == pytest.approx(np.mean(unseen))
+        lesion = [np.mean([u["lesion_dice"] for u in r["unseen"].values()]) for r in runs]  # LESION_FP_RULE
+        assert agg["unseen_lesion_dice"]["mean"] == pytest.approx(np.mean(lesion))
+        assert agg["unseen_lesion_dice"]["std"] == pytest.approx(np.std(lesion, ddof=1))
+        fp = [np.mean([u["empty_fp_rate"] for u in r["unseen"].values()]) for r in runs]
+        assert agg["unseen_empty_fp_rate"]["mean"] == pytest.approx(np.mean(fp))
         assert agg["wall_time_s"]["mean"] == pytest.approx(np.mean([r["wall_time_s"] for r in runs]))
         assert len(agg["val_dice_per_round"]) == 2
     uploads = res["results"]["fedoap"]["bytes_uploaded_per_round_per_client"]
@@ -153,7 +158,8 @@ def test_failed_method_is_recorded_not_fatal(bench):
 def test_markdown_and_figures(bench):
     out, res = bench
     md = (out / "benchmark.md").read_text()
-    assert EMPTY_MASK_RULE in md
+    assert EMPTY_MASK_RULE in md and LESION_FP_RULE in md
+    assert "unseen lesion Dice" in md and "## Unseen organ (lung): lesion Dice and empty-slice false positives" in md
     assert "fedoap benchmark --methods fedoap,local,broken --seeds 0,1 --preset fast" in md
     assert "Ranking by the personalized score" in md
     summary = md.split("## Summary")[1].split("##")[0]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fedoap.cli import main
-from fedoap.data import load_site
+from fedoap.data import load_site, load_unseen
 from fedoap.networks import FedOAPNet
 
 ARGS = ["--clients", "brain,liver", "--unseen", "lung", "--rounds", "2", "--local-epochs", "1",
@@ -38,6 +38,13 @@ def test_results_file_has_every_field_with_sane_values(run):
         assert row["n_test"] == len(test) > 0
         assert res["unseen"][site]["organ"] == "lung"
         assert 0.0 <= res["unseen"][site]["dice"] <= 1.0
+        u = res["unseen"][site]  # LESION_FP_RULE: null where no slice of its kind
+        lung = load_unseen(out / "data" / "lung", image_size=32)
+        assert (u["n_lesion"], u["n_empty"]) == (int((lung.labels.reshape(len(lung), -1).sum(1) > 0).sum()),
+                                                 int((lung.labels.reshape(len(lung), -1).sum(1) == 0).sum()))
+        assert 0.0 <= u["lesion_dice"] <= 1.0 and 0.0 <= u["pooled_dice"] <= 1.0
+        assert u["empty_fp_rate"] is None if u["n_empty"] == 0 else 0.0 <= u["empty_fp_rate"] <= 1.0
+        assert row["lesion_dice"] is None or 0.0 <= row["lesion_dice"] <= 1.0
         assert len(res["val_dice_per_round"][site]) == 2
     assert res["wall_time_s"] > 0
     assert "empty ground truth" in res["empty_mask_rule"]
@@ -74,6 +81,42 @@ def test_figures_and_site_local_files(run):
         assert (local / "personalized_model.safetensors").is_file()
         for written in local.iterdir():  # patient images, per-image scores and the model: owner-only
             assert written.stat().st_mode & 0o077 == 0, written
+
+
+def test_a_hospital_uses_the_personalized_model_after_the_job(run, tmp_path):
+    """The model file a real job left describes itself, scores the site's test split exactly as the job reported,
+    and segments a new scan keeping its geometry."""
+    import nibabel as nib
+
+    from fedoap.inference.model_file import load_model, read_card
+
+    out, res = run
+    model = Path(res["workspace"]) / "brain" / "simulate_job" / "fedoap" / "personalized_model.safetensors"
+    card = read_card(model)
+    assert card.network["class_path"] == "fedoap.networks.fedoap_net.FedOAPNet"
+    assert card.method["name"] == "fedoap" and card.provenance["rounds"] == 2 and card.provenance["seed"] == 3
+    assert card.provenance["site"] == "brain" and card.provenance["privacy"] == {}  # no DP in this run
+    assert card.preprocessing.modality == "MRI" and card.preprocessing.image_size == 32
+    assert card.preprocessing.volumetric and card.preprocessing.normalization["kind"] == "percentiles"
+    network = load_model(model).network
+    assert set(card.shared_keys) == set(network.shared_keys)  # the partition the federation used
+    assert card.provenance["test_dice"] == pytest.approx(res["clients"]["brain"]["dice"], abs=1e-12)
+
+    # `fedoap evaluate --split test`: the same test cases, the same per-slice Dice as the job's result
+    assert main(["evaluate", "--model", str(model), "--data", str(out / "data" / "brain"), "--split", "test",
+                 "--out", str(tmp_path / "eval")]) == 0
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["slices"]["n_images"] == res["clients"]["brain"]["n_test"]
+    assert summary["slices"]["dice"] == pytest.approx(res["clients"]["brain"]["dice"], abs=1e-9)
+    assert summary["volume"]["n_cases"] == res["clients"]["brain"]["n_test_volumes"]
+
+    # `fedoap predict` on a new scan: a mask of the scan's shape and affine
+    scan = sorted((out / "data" / "brain" / "imagesTr").glob("*.nii.gz"))[0]
+    assert main(["predict", "--model", str(model), "--input", str(scan), "--out", str(tmp_path / "masks")]) == 0
+    (written,) = (tmp_path / "masks").glob("*_seg.nii.gz")
+    image, mask = nib.load(scan), nib.load(written)
+    assert mask.shape == image.shape and np.allclose(mask.affine, image.affine)
+    assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
 
 
 def test_existing_results_are_not_overwritten(run, capsys):

@@ -78,7 +78,7 @@ _FEDERATION = tuple(f.name for f in fields(FederationOptions))
 #: keys a caller may override (``data`` points at real data: one MSD-layout folder per site, used for every seed)
 OVERRIDABLE = (*_TRAINING, *_FEDERATION, "total_epochs", "workers")
 #: config keys that may differ between an earlier run and now without changing its results
-_RESUME_IGNORED = ("data",)
+_RESUME_IGNORED = ("data", "tracking")
 RUNS_DIR = "runs"
 DATA_DIR = "data"
 
@@ -195,10 +195,23 @@ def _mean(values: Sequence[Any]) -> Optional[float]:
     return float(np.mean(finite)) if finite else None
 
 
+#: the unseen organ's scores of LESION_FP_RULE, per site: results.json's ``unseen[site]`` key -> the benchmark's name
+_UNSEEN_SCORES = {"lesion_dice": "unseen_lesion_dice", "empty_fp_rate": "unseen_empty_fp_rate",
+                  "empty_fp_area": "unseen_empty_fp_area", "pooled_dice": "unseen_pooled_dice"}
+
+
+def _count(values: Sequence[Any]) -> Optional[int]:
+    """The one count the sites report for the same data (the unseen organ's slices), or None when they differ."""
+    given = {int(v) for v in _finite(values)}
+    return given.pop() if len(given) == 1 else None
+
+
 def summarize_run(results: Mapping[str, Any]) -> dict[str, Any]:
-    """The numbers the benchmark compares, from one run's ``results.json`` content."""
+    """The numbers the benchmark compares, from one run's ``results.json`` content (a results file written before
+    LESION_FP_RULE's scores existed gives None for them)."""
     clients: dict[str, Any] = {}
     val_curves, test_curves = results.get("val_dice_per_round", {}), results.get("test_dice_per_round", {})
+    unseen = results.get("unseen", {})
     for site, row in results["clients"].items():
         val = val_curves.get(site, [])
         r = protocol_round(val)
@@ -209,7 +222,10 @@ def summarize_run(results: Mapping[str, Any]) -> dict[str, Any]:
             "protocol_round": r,
             "protocol_val_dice": val[r] if r is not None else None,
             "protocol_dice": test[r] if r is not None and r < len(test) else None,
-            "unseen_dice": results.get("unseen", {}).get(site, {}).get("dice"),
+            "lesion_dice": row.get("lesion_dice"),
+            "empty_fp_rate": row.get("empty_fp_rate"),
+            "unseen_dice": unseen.get(site, {}).get("dice"),
+            **{name: unseen.get(site, {}).get(key) for key, name in _UNSEEN_SCORES.items()},
             "bytes_uploaded_per_round": results["bytes_uploaded_per_round"].get(site),
         }
     dice = {site: c["dice"] for site, c in clients.items() if c["dice"] is not None}
@@ -223,7 +239,12 @@ def summarize_run(results: Mapping[str, Any]) -> dict[str, Any]:
         "mean_hd95": _mean([c["hd95"] for c in clients.values()]),
         "protocol_mean_dice": _mean([c["protocol_dice"] for c in clients.values()]),
         "protocol_worst_client_dice": min(_finite([c["protocol_dice"] for c in clients.values()]), default=None),
+        "mean_lesion_dice": _mean([c["lesion_dice"] for c in clients.values()]),
+        "mean_empty_fp_rate": _mean([c["empty_fp_rate"] for c in clients.values()]),
         "unseen_dice": _mean([c["unseen_dice"] for c in clients.values()]),
+        **{name: _mean([c[name] for c in clients.values()]) for name in _UNSEEN_SCORES.values()},
+        "unseen_n_lesion": _count([u.get("n_lesion") for u in unseen.values()]),
+        "unseen_n_empty": _count([u.get("n_empty") for u in unseen.values()]),
         "bytes_uploaded_per_round_per_client": _mean([c["bytes_uploaded_per_round"] for c in clients.values()]),
         "wall_time_s": results.get("wall_time_s"),
         "val_dice_per_round": [_mean([v[r] for v in val_curves.values() if r < len(v)]) for r in range(n_rounds)],
@@ -240,9 +261,11 @@ def _mean_std(values: Sequence[Any]) -> dict[str, Any]:
     }
 
 
-_CLIENT_METRICS = ("dice", "hd95", "protocol_dice", "unseen_dice", "bytes_uploaded_per_round")
+_CLIENT_METRICS = ("dice", "hd95", "protocol_dice", "lesion_dice", "empty_fp_rate", "unseen_dice",
+                   *_UNSEEN_SCORES.values(), "bytes_uploaded_per_round")
 _METHOD_METRICS = ("mean_dice", "worst_client_dice", "mean_hd95", "protocol_mean_dice", "protocol_worst_client_dice",
-                   "unseen_dice", "bytes_uploaded_per_round_per_client", "wall_time_s")
+                   "mean_lesion_dice", "mean_empty_fp_rate", "unseen_dice", *_UNSEEN_SCORES.values(),
+                   "bytes_uploaded_per_round_per_client", "wall_time_s")
 
 
 def aggregate_runs(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -468,6 +491,7 @@ def run_benchmark(
         "methods": methods,
         "seeds": seeds,
         "empty_mask_rule": _empty_mask_rule(),
+        "lesion_fp_rule": _lesion_fp_rule(),
         "headline": "personalized",
         "protocol": "test Dice of the round's model (before fine-tuning) at the round with the best validation Dice "
                     "among rounds r >= floor(T/2) (0-based), per site",
@@ -497,6 +521,12 @@ def _empty_mask_rule() -> str:
     from fedoap.eval.metrics import EMPTY_MASK_RULE  # MONAI and torch: imported once the runs start, not to check options
 
     return EMPTY_MASK_RULE
+
+
+def _lesion_fp_rule() -> str:
+    from fedoap.eval.metrics import LESION_FP_RULE
+
+    return LESION_FP_RULE
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -539,6 +569,31 @@ def _row_name(method: str, agg: Mapping[str, Any]) -> str:
     return method
 
 
+def _lesion_fp_text(result: Mapping[str, Any]) -> str:
+    return result.get("lesion_fp_rule") or _lesion_fp_rule()  # a benchmark.json written before the rule existed
+
+
+def _unseen_section(result: Mapping[str, Any], ok: Sequence[str]) -> list[str]:
+    """The unseen organ's table: the Dice of EMPTY_MASK_RULE next to the scores of LESION_FP_RULE, mean over the
+    sites' personalized models, then mean ± std over seeds, with the slice counts each score covers."""
+    res, organ = result["results"], result["settings"]["unseen"]
+    counts = {}
+    for r in result["runs"]:  # the same data for every method of a seed: one count per seed
+        if r["status"] == "ok" and r["seed"] not in counts:
+            counts[r["seed"]] = (r["summary"].get("unseen_n_lesion"), r["summary"].get("unseen_n_empty"))
+    per_seed = "; ".join(f"seed {seed}: {'?' if n_lesion is None else n_lesion} with tumour, "
+                         f"{'?' if n_empty is None else n_empty} empty" for seed, (n_lesion, n_empty) in
+                         sorted(counts.items()))
+    rows = [[_row_name(m, res[m]), _fmt_ms(res[m]["unseen_dice"]), _fmt_ms(res[m].get("unseen_lesion_dice")),
+             _fmt_ms(res[m].get("unseen_empty_fp_rate"), 2), _fmt_ms(res[m].get("unseen_empty_fp_area"), 4),
+             _fmt_ms(res[m].get("unseen_pooled_dice"))] for m in ok]
+    return [f"## Unseen organ ({organ}): lesion Dice and empty-slice false positives", "",
+            "Every site's personalized model on every slice of an organ no site trained on; mean over sites, then "
+            f"mean ± std over seeds (scores as stated at the top). Slices{': ' + per_seed if per_seed else ''}.",
+            ""] + _table(["method", "Dice (empty-mask rule)", "lesion Dice", "empty-slice FP rate",
+                          "FP area on empty slices", "pooled Dice"], rows)
+
+
 def benchmark_markdown(result: Mapping[str, Any]) -> str:
     """The tables a reader compares: one per metric, methods as rows (ranked by personalized Dice)."""
     s, res = result["settings"], result["results"]
@@ -563,6 +618,11 @@ def benchmark_markdown(result: Mapping[str, Any]) -> str:
         "",
         f"Empty masks: {result['empty_mask_rule']}",
         "",
+        f"Slices with and without tumour: {_lesion_fp_text(result)}"
+        + (" On the unseen organ, where most slices are empty, the Dice above is ~0 for a method that marks a few of "
+           "them; compare methods there by lesion Dice (how well it outlines a tumour it never saw) and empty-slice FP "
+           "rate (how often it marks one where there is none)." if s["unseen"] else ""),
+        "",
         f"Values: mean ± {result['std']}. Bytes: what one site uploads per round (shared parameters only).",
         "",
     ]
@@ -575,24 +635,36 @@ def benchmark_markdown(result: Mapping[str, Any]) -> str:
     summary_rows = [[
         _row_name(m, res[m]), _fmt_ms(res[m]["mean_dice"]), _fmt_ms(res[m]["worst_client_dice"]),
         _fmt_ms(res[m]["protocol_mean_dice"]), _fmt_ms(res[m]["mean_hd95"], 1), _fmt_ms(res[m]["unseen_dice"]),
+        _fmt_ms(res[m].get("unseen_lesion_dice")), _fmt_ms(res[m].get("unseen_empty_fp_rate"), 2),
         _fmt_bytes(res[m]["bytes_uploaded_per_round_per_client"]), _fmt_ms(res[m]["wall_time_s"], 0),
     ] for m in ok]
     lines += ["## Summary", ""] + _table(
         ["method", "personalized Dice (mean over sites)", "worst site Dice", "protocol Dice", "HD95 px",
-         "unseen-organ Dice", "upload / round / site", "wall time s"], summary_rows)
+         "unseen-organ Dice", "unseen lesion Dice", "unseen empty-slice FP rate", "upload / round / site",
+         "wall time s"], summary_rows)
+    if s["unseen"]:
+        lines += _unseen_section(result, ok)
 
     per_client = [
         ("Personalized Dice per site (headline)", "dice", "mean_dice", 3),
         ("Personalized HD95 per site (pixels)", "hd95", "mean_hd95", 1),
         ("Protocol Dice per site (best validation round after T/2, before fine-tuning)", "protocol_dice",
          "protocol_mean_dice", 3),
+        ("Personalized lesion Dice per site (test slices with tumour only)", "lesion_dice", "mean_lesion_dice", 3),
+        ("Personalized empty-slice FP rate per site (test slices without tumour)", "empty_fp_rate",
+         "mean_empty_fp_rate", 2),
     ]
     if s["unseen"]:
-        per_client.append((f"Unseen organ ({s['unseen']}) Dice of each site's personalized model", "unseen_dice",
-                           "unseen_dice", 3))
+        per_client += [
+            (f"Unseen organ ({s['unseen']}) Dice of each site's personalized model", "unseen_dice", "unseen_dice", 3),
+            (f"Unseen organ ({s['unseen']}) lesion Dice of each site's personalized model", "unseen_lesion_dice",
+             "unseen_lesion_dice", 3),
+            (f"Unseen organ ({s['unseen']}) empty-slice FP rate of each site's personalized model",
+             "unseen_empty_fp_rate", "unseen_empty_fp_rate", 2),
+        ]
     for title, key, mean_key, digits in per_client:
         rows = [[_row_name(m, res[m])] + [_fmt_ms(res[m]["clients"].get(site, {}).get(key), digits) for site in sites]
-                + [_fmt_ms(res[m][mean_key], digits)] for m in ok]
+                + [_fmt_ms(res[m].get(mean_key), digits)] for m in ok]
         lines += [f"## {title}", ""] + _table(["method", *sites, "mean"], rows)
     rows = [[_row_name(m, res[m])] + [_fmt_bytes(res[m]["clients"].get(site, {}).get("bytes_uploaded_per_round"))
                                       for site in sites] for m in ok]

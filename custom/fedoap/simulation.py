@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import shutil
 import signal
@@ -27,7 +28,7 @@ import torch
 
 from fedoap.config import FederationOptions, RunConfig
 from fedoap.data import generate_federation, load_site, load_unseen
-from fedoap.eval.metrics import EMPTY_MASK_RULE
+from fedoap.eval.metrics import EMPTY_MASK_RULE, LESION_FP_RULE
 from fedoap.site.session import SITE_RESULTS_DIR
 from fedoap.protocol import HISTORY_FILE
 from fedoap.site.outputs import find_site_outputs, load_overlays
@@ -112,6 +113,22 @@ def _log_config(path: Path) -> Path:
     config["handlers"]["consoleHandler"]["level"] = "ERROR"
     path.write_text(json.dumps(config, indent=2))
     return path
+
+
+def _count(value: Any) -> Optional[int]:
+    """A count a site reported (a float under DP: public metrics are rounded numbers), or None."""
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        else None
+
+
+def _unseen_scores(organ: str, m: Mapping[str, Any]) -> dict[str, Any]:
+    """``results.json``'s ``unseen[site]``: the unseen organ's Dice of EMPTY_MASK_RULE, and the scores of
+    LESION_FP_RULE that stay comparable when false positives on its empty slices take that Dice to ~0 (None: the site
+    did not send them)."""
+    return {"organ": organ, "dice": m.get("unseen_dice"), "hd95": m.get("unseen_hd95"),
+            "lesion_dice": m.get("unseen_lesion_dice"), "n_lesion": _count(m.get("unseen_n_lesion")),
+            "empty_fp_rate": m.get("unseen_empty_fp_rate"), "empty_fp_area": m.get("unseen_empty_fp_area"),
+            "n_empty": _count(m.get("unseen_n_empty")), "pooled_dice": m.get("unseen_pooled_dice")}
 
 
 def _prepare_data(federation: FederationOptions, seed: int, out: Path, replace: bool) -> tuple[Path, Optional[Path]]:
@@ -391,8 +408,10 @@ def run_simulation(run: RunConfig, federation: FederationOptions, out: str | os.
             n_volumes = m.get("n_test_volumes")  # a float under DP (public metrics are rounded numbers)
             clients[site].update(volume_dice=m["test_volume_dice"],
                                  n_test_volumes=int(n_volumes) if isinstance(n_volumes, (int, float)) else None)
+        if "test_lesion_dice" in m:  # LESION_FP_RULE on the test split
+            clients[site].update(lesion_dice=m.get("test_lesion_dice"), empty_fp_rate=m.get("test_empty_fp_rate"))
         if unseen_dir is not None:
-            unseen[site] = {"organ": federation.unseen, "dice": m.get("unseen_dice"), "hd95": m.get("unseen_hd95")}
+            unseen[site] = _unseen_scores(federation.unseen, m)
         uploads = [r["sites"][site]["bytes_uploaded"] for r in history["rounds"] if site in r["sites"]]
         bytes_per_round[site] = int(max(uploads)) if uploads else 0
 
@@ -410,6 +429,7 @@ def run_simulation(run: RunConfig, federation: FederationOptions, out: str | os.
         "wall_time_s": wall,
         "parameters": {"total": n_params, "shared": n_shared},
         "empty_mask_rule": EMPTY_MASK_RULE,
+        "lesion_fp_rule": LESION_FP_RULE,  # lesion_dice, empty_fp_rate, empty_fp_area, pooled_dice of every split
         "privacy": _privacy_summary(run, federation.clients, history),
         "val_dice_per_round": {
             site: [r["sites"][site].get("val_dice") for r in history["rounds"] if site in r["sites"]]
