@@ -198,3 +198,45 @@ def test_pbl_shape_mismatch():
     pbl = PerturbedBoundaryLoss()
     with pytest.raises(ValueError, match="shape"):
         pbl(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 2))
+
+
+# -- Dice reduction (--dice-reduction batch|image) --------------------------------------------------------------------
+def test_image_dice_reduction_is_the_mean_of_per_image_soft_dice_with_an_empty_image():
+    """Per-image reduction: one soft Dice per image, averaged. An empty mask counts by its smoothing terms:
+    Dice = smooth_nr / (sum(p) + smooth_dr), ~0 for any predicted foreground (loss ~1)."""
+    from fedoap.losses.segmentation import set_dice_reduction
+
+    z0, y0 = Z, Y  # image 0: two foreground pixels
+    z1, y1 = [0.3, -2.0, 1.0, -0.5], [0.0, 0.0, 0.0, 0.0]  # image 1: empty mask
+    logits = torch.tensor([z0, z1], dtype=torch.float64).reshape(2, 1, 2, 2)
+    target = torch.tensor([y0, y1], dtype=torch.float64).reshape(2, 1, 2, 2)
+    nr = dr = 1e-5
+    empty_dice = nr / (sum(sig(v) for v in z1) + dr)
+    assert 1.0 - hand_dice_loss(z1, y1, nr, dr) == pytest.approx(empty_dice)
+    per_image = (hand_dice_loss(z0, y0, nr, dr) + hand_dice_loss(z1, y1, nr, dr)) / 2
+    bce = hand_bce(z0 + z1, y0 + y1)
+
+    loss = BCEDiceLoss(dice_reduction="image")
+    assert loss.dice_reduction == "image" and loss.batch is False
+    assert loss(logits, target).item() == pytest.approx(0.5 * bce + per_image, rel=1e-9)
+    # the default pools the batch: one Dice of both images together
+    pooled = hand_dice_loss(z0 + z1, y0 + y1, nr, dr)
+    assert BCEDiceLoss()(logits, target).item() == pytest.approx(0.5 * bce + pooled, rel=1e-9)
+    assert per_image != pytest.approx(pooled)
+    # switched after construction (as a method's loss receives the run's option), inside a PBL too
+    pbl = PerturbedBoundaryLoss(base_loss=BCEDiceLoss())
+    assert set_dice_reduction(pbl, "image") == 1 and pbl.seg_loss.dice_reduction == "image"
+    switched = BCEDiceLoss()
+    switched.dice_reduction = "image"
+    assert switched(logits, target).item() == pytest.approx(0.5 * bce + per_image, rel=1e-9)
+    # an empty image with an empty prediction scores Dice 1 (loss 0 on the Dice term)
+    none = torch.full((1, 1, 2, 2), -60.0, dtype=torch.float64)
+    assert BCEDiceLoss(bce_weight=0.0, dice_reduction="image")(none, torch.zeros_like(none)).item() == pytest.approx(
+        0.0, abs=1e-6)
+
+
+def test_dice_reduction_rejects_unknown_values():
+    with pytest.raises(ValueError, match="dice_reduction"):
+        BCEDiceLoss(dice_reduction="voxel")
+    with pytest.raises(ValueError, match="dice_reduction"):
+        BCEDiceLoss().dice_reduction = "mean"

@@ -1,10 +1,25 @@
-"""``fedoap bench train``: how fast a site trains inside the federation, against a plain MONAI loop, in one run.
+"""``fedoap bench train``: how fast a site trains inside the federation, against a plain loop, in one run.
 
-Both sides use the same network (built with the same seed), the same site data, the same batch size, optimizer and
-loss, and the same number of torch threads. The federated side is a real NVFlare simulator run; its training rate is
-measured by the site around its local epochs (``images_per_s``) and, end to end, over whole rounds as the server sees
-them (training plus transfer, aggregation and validation). The plain side is a textbook loop over a MONAI
-``DataLoader``. The first round and the first plain epoch are warm-up and are not counted.
+Part 1 (the ``rows``, one per site), the federation end to end: a real NVFlare simulator run against a plain MONAI
+loop. Both sides use the same network (built with the same seed), the same site data, the same batch size, optimizer
+and loss, and the same number of torch threads. The federated side's training rate is measured by the site around
+its local epochs (``images_per_s``) and, end to end, over whole rounds as the server sees them (training plus
+transfer, aggregation and validation). The plain side is a textbook loop over a MONAI ``DataLoader``. The first round
+and the first plain epoch are warm-up and are not counted.
+
+Part 2 (``speed_rows``, on the first site's data), the speed options side by side: for every configuration (fp32,
+bf16 autocast, channels-last, ``torch.compile``, all three) the one trainer the sites run
+(:class:`~fedoap.training.LocalTrainer`, built as a site builds it from ``TrainingOptions.train_config()``, its
+``train_round`` timed directly, the sites' random flips included: the simulator adds nothing to a local epoch,
+part 1 measures what it adds to a round)
+against the best plain PyTorch loop of the same network, data, batch and optimizer with the same setting (tensors in
+memory, a random permutation per epoch, no ``DataLoader``, no flips; ``torch.compile(model)``, autocast around the
+forward, the loss in fp32). Then DP-SGD (:func:`dp_rows`): the trainer's DP-SGD (Opacus hooks in place, Poisson
+sampling, per-image loss; fp32 and channels-last, the options Opacus allows; its default ChaCha20 noise, and the
+``os_seeded`` torch noise, Opacus's kind) against a textbook Opacus loop
+(``PrivacyEngine.make_private``) and Opacus's ghost clipping (``grad_sample_mode="ghost"``), same network, batch and
+noise. The first epoch of every configuration is warm-up (compilation happens there) and is not counted; the
+median of the other epochs is reported, with the device (a CPU-only machine measures what the CPU gains).
 """
 
 from __future__ import annotations
@@ -13,19 +28,30 @@ import json
 import os
 import platform
 import time
+import warnings
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 import torch
 from monai.data import DataLoader
 
 from fedoap.config import FederationOptions, RunConfig
-from fedoap.data import load_site
+from fedoap.data import SliceSet, load_site
 from fedoap.jsonio import write_json
 from fedoap.simulation import config_record, run_simulation
 
-__all__ = ["bench_train", "plain_monai_loop"]
+__all__ = ["bench_train", "plain_monai_loop", "speed_rows", "dp_rows", "plain_loop_rate", "SPEED_CONFIGS"]
+
+#: the speed configurations of part 2: name -> ``TrainConfig`` overrides (``TrainingOptions`` flags)
+SPEED_CONFIGS: dict[str, dict[str, Any]] = {
+    "fp32": {},
+    "bf16": {"precision": "bf16"},
+    "channels-last": {"channels_last": True},
+    "compile": {"compile": True},
+    "bf16+channels-last+compile": {"precision": "bf16", "channels_last": True, "compile": True},
+}
 
 
 def plain_monai_loop(run: RunConfig, site: str, data_root: Path, epochs: int) -> dict[str, float]:
@@ -55,6 +81,194 @@ def plain_monai_loop(run: RunConfig, site: str, data_root: Path, epochs: int) ->
     return {"images_per_s": float(np.median(rates[1:])), "n_images": len(dataset), "epochs": epochs}
 
 
+
+def _fresh(run: RunConfig) -> tuple[torch.nn.Module, Any]:
+    """A new network (seeded, as the sites build it) and a new method object of the same run configuration."""
+    run = RunConfig.from_json(run.to_json())
+    return run.build_model(), run.method.instance
+
+
+def _median_rate(epoch: Callable[[], int], epochs: int, device: torch.device) -> float:
+    """Images/s of ``epoch`` (which returns the images it trained on): one warm-up call, then the median of ``epochs``."""
+    rates = []
+    for i in range(epochs + 1):
+        start = time.perf_counter()
+        n = epoch()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            rates.append(n / (time.perf_counter() - start))
+    return float(np.median(rates))
+
+
+def plain_loop_rate(model: torch.nn.Module, loss_fn: torch.nn.Module, train: SliceSet, batch_size: int, lr: float,
+                    weight_decay: float, device: str, epochs: int, precision: str = "fp32",
+                    channels_last: bool = False, compile: bool = False, compile_backend: str = "inductor",
+                    seed: int = 0) -> float:
+    """Images/s of the best plain PyTorch loop (after one warm-up epoch): the data as tensors on the device, a random
+    permutation per epoch, AdamW, ``zero_grad(set_to_none=True)``; with the same speed setting as the trainer
+    (``torch.compile(model)``, bf16 autocast around the forward with the loss in fp32, channels-last)."""
+    dev = torch.device(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(dev, memory_format=memory_format)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    forward = torch.compile(model, backend=compile_backend) if compile else model
+    images = torch.from_numpy(train.images).to(dev).contiguous(memory_format=memory_format)
+    labels = torch.from_numpy(train.labels).to(dev).contiguous(memory_format=memory_format)
+    generator = torch.Generator().manual_seed(seed)
+    n = len(images)
+
+    def epoch() -> int:
+        model.train()
+        for idx in torch.randperm(n, generator=generator).to(dev).split(batch_size):
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                out = forward(images[idx])
+            loss = loss_fn(out.float(), labels[idx])
+            loss.backward()
+            optimizer.step()
+        return n
+
+    return _median_rate(epoch, epochs, dev)
+
+
+def speed_rows(run: RunConfig, train: SliceSet, val: SliceSet, epochs: int = 2,
+               configs: Optional[Mapping[str, Mapping[str, Any]]] = None,
+               compile_backend: str = "inductor") -> list[dict[str, Any]]:
+    """Part 2: for every speed configuration, the sites' trainer (``train_round`` timed by itself) against the plain
+    loop with the same setting, images/s and their ratio (a configuration that fails records its one-line error)."""
+    from fedoap.training import LocalTrainer
+
+    t = run.training
+    base = replace(run.training.train_config(), local_epochs=1, finetune_epochs=0, precision="fp32",
+                   channels_last=False, compile=False, compile_backend=compile_backend)
+    rows = []
+    for name, overrides in (configs if configs is not None else SPEED_CONFIGS).items():
+        config = replace(base, **overrides)
+        row: dict[str, Any] = {"config": name, **{k: getattr(config, k) for k in ("precision", "channels_last",
+                                                                                   "compile")}}
+        try:
+            model, method = _fresh(run)
+            trainer = LocalTrainer(model, method, train, val, config)
+            dev = torch.device(config.device)
+            row["trainer_images_per_s"] = _median_rate(lambda site=trainer: _round_images(site), epochs, dev)
+            row["final_train_loss"] = trainer.train_round()["train_loss"]
+            model, method = _fresh(run)
+            row["plain_images_per_s"] = plain_loop_rate(
+                model, method.train_loss(), train, t.batch_size, t.lr, config.weight_decay, config.device, epochs,
+                precision=config.precision, channels_last=config.channels_last, compile=config.compile,
+                compile_backend=compile_backend, seed=t.seed)
+            row["ratio_trainer_over_plain"] = row["trainer_images_per_s"] / row["plain_images_per_s"]
+        except Exception as err:  # noqa: BLE001 - a configuration this machine cannot run is reported, not fatal
+            row["error"] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        rows.append(row)
+    return rows
+
+
+def _round_images(trainer: Any) -> int:
+    stats = trainer.train_round()
+    return round(stats["images_per_s"] * stats["train_seconds"])
+
+
+def dp_rows(run: RunConfig, train: SliceSet, val: SliceSet, epochs: int = 2, noise_multiplier: float = 1.0,
+            max_grad_norm: float = 1.0) -> list[dict[str, Any]]:
+    """DP-SGD images/s (images Poisson sampling drew): the sites' trainer (fp32, and channels-last) against a
+    textbook Opacus loop (``PrivacyEngine.make_private``, hooks) and Opacus's ghost clipping, same network, batch,
+    optimizer and noise. A loop Opacus refuses records its one-line error."""
+    from opacus import PrivacyEngine
+
+    from fedoap.privacy.dp import DPSGDConfig, per_sample_loss
+    from fedoap.training import LocalTrainer
+
+    t = run.training
+    base = replace(run.training.train_config(), local_epochs=1, finetune_epochs=0, precision="fp32", compile=False)
+    dev = torch.device(base.device)
+    rows: list[dict[str, Any]] = []
+
+    def record(name: str, rate: Callable[[], float]) -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                rows.append({"config": name, "images_per_s": rate()})
+        except Exception as err:  # noqa: BLE001
+            rows.append({"config": name, "error": f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"})
+
+    def ours(channels_last: bool, noise_source: str = "chacha20") -> float:
+        model, method = _fresh(run)
+        trainer = LocalTrainer(model, method, train, val, replace(base, channels_last=channels_last),
+                               dp=DPSGDConfig(max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier,
+                                              noise_source=noise_source))
+        return _median_rate(lambda: _round_images(trainer), epochs, dev)
+
+    def opacus(mode: str) -> float:
+        model, method = _fresh(run)
+        model = model.to(dev)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=base.weight_decay)
+        dataset = torch.utils.data.TensorDataset(torch.from_numpy(train.images), torch.from_numpy(train.labels))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size)
+        common = {"module": model, "optimizer": optimizer, "data_loader": loader,
+                  "noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm, "grad_sample_mode": mode}
+        if mode == "ghost":  # the loss wrapper runs the two backward passes of fast gradient clipping
+            model, optimizer, criterion, loader = PrivacyEngine().make_private(criterion=method.train_loss(),
+                                                                               **common)
+        else:
+            model, optimizer, loader = PrivacyEngine().make_private(**common)
+            criterion = per_sample_loss(method.train_loss())
+
+        def epoch() -> int:
+            model.train()
+            seen = 0
+            for images, labels in loader:
+                if len(images) == 0:
+                    continue
+                images, labels = images.to(dev), labels.to(dev)
+                optimizer.zero_grad(set_to_none=True)
+                criterion(model(images), labels).backward()
+                optimizer.step()
+                seen += len(images)
+            return seen
+
+        return _median_rate(epoch, epochs, dev)
+
+    record("dp-sgd trainer fp32", lambda: ours(False))
+    record("dp-sgd trainer channels-last", lambda: ours(True))
+    record("dp-sgd trainer os_seeded noise", lambda: ours(False, "os_seeded"))  # Opacus's kind of noise
+    record("opacus loop (hooks)", lambda: opacus("hooks"))
+    record("opacus loop (ghost clipping)", lambda: opacus("ghost"))
+    reference = next((r["images_per_s"] for r in rows if r["config"] == "opacus loop (hooks)" and "images_per_s" in r),
+                     None)
+    for r in rows:
+        if reference and "images_per_s" in r:
+            r["ratio_over_opacus_loop"] = r["images_per_s"] / reference
+    return rows
+
+
+def device_name(device: str) -> str:
+    return device if device == "cpu" else torch.cuda.get_device_name(torch.device(device))
+
+
+def print_speed_tables(speed: list[dict[str, Any]], dp: list[dict[str, Any]]) -> None:
+    header = f"{'configuration':<28} {'trainer img/s':>14} {'plain img/s':>12} {'ratio':>7}"
+    print(header)
+    print("-" * len(header))
+    for r in speed:
+        if "error" in r:
+            print(f"{r['config']:<28} {r['error']}")
+            continue
+        print(f"{r['config']:<28} {r['trainer_images_per_s']:>14.1f} {r['plain_images_per_s']:>12.1f} "
+              f"{r['ratio_trainer_over_plain']:>7.2f}")
+    if dp:
+        header = f"{'DP-SGD':<30} {'img/s':>10} {'vs Opacus loop':>15}"
+        print(header)
+        print("-" * len(header))
+        for r in dp:
+            if "error" in r:
+                print(f"{r['config']:<30} {r['error']}")
+                continue
+            ratio = r.get("ratio_over_opacus_loop")
+            print(f"{r['config']:<30} {r['images_per_s']:>10.1f} {'' if ratio is None else f'{ratio:.2f}':>15}")
+
+
 def bench_train(run: RunConfig, federation: FederationOptions, out: str | os.PathLike) -> dict[str, Any]:
     """Run the benchmark, print the table, write ``<out>/bench_train.json``; return the record."""
     if run.training.rounds < 2:
@@ -82,13 +296,28 @@ def bench_train(run: RunConfig, federation: FederationOptions, out: str | os.Pat
             "ratio_federated_over_plain": fed_train / plain["images_per_s"],
             "n_train_images": plain["n_images"],
         })
+    site = federation.clients[0]
+    data = load_site(data_root / site, image_size=t.image_size, seed=t.seed, name=site)
+    epochs = max(2, (t.rounds - 1) * t.local_epochs)
+    # inductor compiles for minutes on a CPU (MONAI's UpCat breaks the graph at every up-block): the compile rows are
+    # for a GPU, where they pay; on a CPU the table says they were skipped
+    configs = SPEED_CONFIGS if t.device.startswith("cuda") else \
+        {k: v for k, v in SPEED_CONFIGS.items() if not v.get("compile")}
+    speed = speed_rows(run, data.train, data.val, epochs=epochs, configs=configs)
+    dp = dp_rows(run, data.train, data.val, epochs=epochs)
     record = {
         "benchmark": "train",
-        "device": t.device if t.device == "cpu" else torch.cuda.get_device_name(torch.device(t.device)),
+        "speed_configs_skipped": sorted(set(SPEED_CONFIGS) - set(configs)),
+        "device": device_name(t.device),
+        "gpu_available": torch.cuda.is_available(),
         "cpu": platform.processor() or platform.machine(),
         "torch_threads_per_site": threads,
         "config": config_record(run, federation),
         "rows": rows,
+        "speed_site": site,
+        "speed_epochs": epochs,
+        "speed_rows": speed,
+        "dp_sgd_rows": dp,
     }
     write_json(out / "bench_train.json", record)
     header = f"{'site':<10} {'fed train img/s':>16} {'fed round img/s':>16} {'plain MONAI img/s':>18} {'ratio':>7}"
@@ -98,5 +327,8 @@ def bench_train(run: RunConfig, federation: FederationOptions, out: str | os.Pat
         rr = r["federated_round_images_per_s"]
         print(f"{r['site']:<10} {r['federated_train_images_per_s']:>16.1f} {rr if rr is None else round(rr, 1)!s:>16} "
               f"{r['plain_monai_images_per_s']:>18.1f} {r['ratio_federated_over_plain']:>7.2f}")
+    print(f"\nspeed options on {site}'s data ({record['device']}; CUDA available: {record['gpu_available']}): "
+          f"the sites' trainer (train_round) vs the best plain PyTorch loop, same setting")
+    print_speed_tables(speed, dp)
     print(f"[fedoap] wrote {out / 'bench_train.json'}")
     return record

@@ -142,8 +142,9 @@ def bench_predict(out: Path, *, devices: list[str], cases: int = 8, scan_size: i
                 "plain MONAI SliceInferer loop": lambda d: _plain_monai(model, inputs, d, batch_size, device),
             }
             seconds: dict[str, list[float]] = {name: [] for name in sides}
-            for attempt in range(repeats + 1):  # attempt 0 is warm-up; the sides alternate so drift hits both
-                for name, side in sides.items():
+            for attempt in range(repeats + 1):  # attempt 0 is warm-up; the order flips each attempt (A B, B A, ...)
+                order = list(sides.items())         # so that a drifting machine load hits both sides alike
+                for name, side in (order if attempt % 2 == 0 else order[::-1]):
                     folder = tmp / f"out_{attempt}_{len(seconds[name])}_{name.split()[0]}"
                     folder.mkdir()
                     if device.startswith("cuda"):

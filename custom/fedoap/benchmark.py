@@ -60,6 +60,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "synthetic_size": 64, "image_size": 32, "width": 8, "total_epochs": 16, "local_epochs": 4,
         "finetune_epochs": 4, "batch_size": 8, "workers": 2,
     },
+    # CPU, where personalization matters: the three organ sites at 64 x 64, width 16, 30 federated epochs (15 rounds
+    # x 2), the unseen lung; estimated 7-10 min per method and seed on 2 cores (one run at a time)
+    "medium": {
+        "clients": ("brain", "liver", "breast"), "unseen": "lung",
+        "cases": {"brain": 10, "liver": 8, "breast": 100, "lung": 4},
+        "synthetic_size": 64, "image_size": 64, "width": 16, "total_epochs": 30, "local_epochs": 2,
+        "finetune_epochs": 5, "batch_size": 8, "workers": 1,
+    },
     # one GPU: FL-MedSegBench's 256 x 256 slices and batch 8, the authors' lr 1e-4, 50 federated epochs
     "full": {
         "clients": ("brain", "liver", "breast"), "unseen": "lung",

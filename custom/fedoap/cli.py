@@ -101,7 +101,8 @@ def _benchmark_options(p: argparse.ArgumentParser) -> None:
                         f"{','.join(ABLATIONS)}")
     p.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--preset", default="fast", choices=sorted(PRESETS),
-                   help="fast: tiny CPU setting; full: 256 x 256, 50 epochs, meant for a GPU")
+                   help="fast: tiny CPU setting; medium: three organ sites at 64 x 64, width 16, 30 epochs on a CPU; "
+                        "full: 256 x 256, 50 epochs, meant for a GPU")
     p.add_argument("--out", default="runs/benchmark", help="benchmark folder (finished runs in it are reused)")
     p.add_argument("--workers", type=int, default=None,
                    help="runs at the same time, each its own NVFlare simulator process (default: the preset's, "

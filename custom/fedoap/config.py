@@ -225,11 +225,22 @@ class TrainingOptions:
     device: str = option("cpu", "cpu, cuda, cuda:1, ...", check=device_name)
     threads: int = option(0, "torch threads per site (0: the machine's cores shared among the sites)",
                           check=at_least(0))
+    precision: str = option("fp32", "training step precision: bf16 runs each step's forward and backward under bf16 "
+                                    "autocast (CPU or CUDA; the loss, weights, optimizer and what is shared stay "
+                                    "fp32); not with DP-SGD", choices=("fp32", "bf16"))
+    channels_last: bool = option(False, "train in channels-last memory format (weights and batches; the state dict "
+                                        "is unchanged)")
+    compile: bool = option(False, "compile the site's model in place with torch.compile (same state-dict keys; "
+                                  "inductor needs a C compiler on the CPU, Triton on a GPU); not with DP-SGD")
     tracking: str = option("tensorboard", "live training curves through NVFlare's experiment tracking: each site's "
                                           "numeric metrics per round (exactly those it sends with its results) to "
                                           "the server's TensorBoard event files (<server run folder>/tb_events/"
                                           "<site>/) or MLflow run (the mlflow package on the server); none: off",
                            choices=TRACKING_CHOICES)
+    dice_reduction: str = option("batch", "soft Dice term of every method's BCE+Dice loss: batch (intersection and "
+                                          "sums pooled over the batch) or image (mean of per-image Dice, as the "
+                                          "authors' code; an empty mask counts by its smoothing terms)",
+                                 choices=("batch", "image"))
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -242,7 +253,33 @@ class TrainingOptions:
         from fedoap.training import TrainConfig
 
         return TrainConfig(batch_size=self.batch_size, lr=self.lr, local_epochs=self.local_epochs,
-                           finetune_epochs=self.finetune_epochs, seed=self.seed, device=self.device)
+                           finetune_epochs=self.finetune_epochs, seed=self.seed, device=self.device,
+                           precision=self.precision, channels_last=self.channels_last, compile=self.compile)
+
+    def dp_sgd_conflict(self) -> Optional[str]:
+        """Why these speed options cannot train under sample-level DP-SGD (one line naming the flag), or None."""
+        return self.speed_dp_sgd_conflict(self.precision, self.compile)
+
+    @staticmethod
+    def speed_dp_sgd_conflict(precision: str, compile: bool) -> Optional[str]:
+        """Why a speed option cannot train under sample-level DP-SGD (Opacus), one line, or None (torch-free: the
+        run configuration's check and the trainer's, ``fedoap.training.speed_dp_sgd_conflict``).
+
+        * ``compile``: Opacus's per-sample-gradient hooks (forward and backward hooks storing every layer's
+          activations and backprops) do not run under ``torch.compile``; Opacus does not support compiled modules.
+        * ``bf16``: under autocast Opacus's hooks compute the per-sample gradients, their norms and the clipping in
+          bf16 (8-bit mantissa), so a clipped gradient's norm is bounded by ``--dp-sgd-clip`` only up to rounding:
+          the sensitivity the accountant assumes would not strictly hold.
+
+        channels-last is allowed (measured: the hooks' per-sample rules take either memory format)."""
+        if compile:
+            return ("--compile: Opacus's per-sample-gradient hooks (DP-SGD) do not run under torch.compile; drop "
+                    "--compile or DP-SGD")
+        if precision != "fp32":
+            return (f"--precision {precision}: Opacus's hooks would compute DP-SGD's per-sample gradients and "
+                    f"clipping in {precision}, so --dp-sgd-clip would bound them only up to rounding; use "
+                    "--precision fp32 with DP-SGD")
+        return None
 
     def require_tracking(self) -> None:
         """Refuse a tracking backend whose package this machine lacks, before anything starts (a check of the machine
@@ -560,7 +597,14 @@ class RunConfig:
         for name, cls in _GROUPS.items():
             if not isinstance(getattr(self, name), cls):
                 raise ValueError(f"{name} must be {cls.__name__}, got {type(getattr(self, name)).__name__}")
-        method, privacy, name = self.method.instance, self.privacy, self.method.name
+        method = self.method.instance
+        if getattr(method, "dice_reduction", "batch") != self.training.dice_reduction:
+            # the method object carries the run's loss options to its losses; a method object shared with another
+            # configuration is never changed: this configuration gets its own
+            object.__setattr__(self, "method", replace(self.method))
+            method = self.method.instance
+            method.dice_reduction = self.training.dice_reduction
+        privacy, name = self.privacy, self.method.name
         rule = method.server_rule
         from fedoap.server.rules import ServerRule, WeightedMean
 
@@ -595,6 +639,9 @@ class RunConfig:
             raise ValueError("--dp-update-distributed: give --min-responses m >= 2, the fewest sites whose noise "
                              "shares add up in any sum the server sees (each site adds 1/m of the variance; sites "
                              "refuse to mask or unmask a round with fewer)")
+        speed = self.training.dp_sgd_conflict()
+        if speed and privacy.dp_sgd_on:
+            raise ValueError(speed)
         conflict = method.dp_sgd_conflict
         if conflict and privacy.dp_sgd_on:
             flag = "--dp-sgd-noise" if privacy.dp_sgd_noise > 0 else "--dp-sgd-epsilon"

@@ -8,6 +8,7 @@ resumed job (``fedoap.site.checkpoint``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -20,15 +21,42 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
+from fedoap.config import TrainingOptions
 from fedoap.data import SliceSet
 from fedoap.eval.metrics import ImageScores, binarize, per_image_scores
 from fedoap.methods.base import FederatedMethod
 from fedoap.privacy.dp import DPSGD, DPSGDConfig, per_sample_loss
 
-__all__ = ["TrainConfig", "LocalTrainer", "random_flip", "WEIGHT_BY"]
+__all__ = ["TrainConfig", "LocalTrainer", "random_flip", "WEIGHT_BY", "PRECISIONS", "COMPILE_BACKENDS",
+           "speed_dp_sgd_conflict"]
 
 #: what a method may report as its aggregation weight (``FederatedMethod.weight_by``)
 WEIGHT_BY = ("samples", "steps")
+#: the training step's compute precision (``TrainConfig.precision``): weights, optimizer state and loss stay fp32
+PRECISIONS = ("fp32", "bf16")
+#: ``torch.compile`` backends (``TrainConfig.compile_backend``): inductor generates kernels (needs a C compiler on
+#: the CPU, Triton on a GPU); aot_eager and eager only trace (tests, debugging)
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+
+
+#: why a speed option cannot train under sample-level DP-SGD (compile, bf16), one line, or None
+speed_dp_sgd_conflict = TrainingOptions.speed_dp_sgd_conflict
+
+
+class _FP32Loss(nn.Module):
+    """A loss computed in fp32 outside autocast, whatever precision the network's forward ran in."""
+
+    def __init__(self, loss: nn.Module, device_type: str) -> None:
+        super().__init__()
+        self.loss = loss
+        self.device_type = device_type
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        def fp32(value: Any) -> Any:
+            return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+        with torch.autocast(self.device_type, enabled=False):
+            return self.loss(*(fp32(a) for a in args), **{k: fp32(v) for k, v in kwargs.items()})
 
 
 @dataclass
@@ -46,6 +74,11 @@ class TrainConfig:
     device: str = "cpu"
     eval_batch_size: int = 64
     dp_lr: Optional[float] = None  # the rounds' learning rate under DP-SGD (None: lr); fine-tuning keeps lr
+    # speed (none changes what is trained, saved or shared: weights, optimizer state and state-dict keys stay fp32)
+    precision: str = "fp32"  # "bf16": the forward and backward of every training step under bf16 autocast
+    channels_last: bool = False  # the model's 4D weights and the batches in channels-last memory format
+    compile: bool = False  # the model's forward compiled in place with torch.compile (nn.Module.compile)
+    compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
         for field in ("batch_size", "local_epochs", "eval_batch_size"):
@@ -57,6 +90,10 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.dp_lr is not None and self.dp_lr <= 0:
             raise ValueError(f"dp_lr must be None or > 0, got {self.dp_lr}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise ValueError(f"compile_backend must be one of {COMPILE_BACKENDS}, got {self.compile_backend!r}")
 
 
 def random_flip(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -85,10 +122,18 @@ class LocalTrainer:
             (see :class:`~fedoap.privacy.dp.DPSGD`): a DP-SGD run is not reproducible, by design; everything else
             (initialization, shuffling without DP, augmentation) is.
 
+    Speed (``config.precision``, ``channels_last``, ``compile``): bf16 autocast runs each training step's forward
+    and backward in bf16 (the method's step loss under autocast, the loss function itself in fp32 on fp32 inputs;
+    the regularizer, optimizer and weights in fp32); channels-last converts the weights' and the batches' memory
+    format (state-dict keys, shapes and dtypes unchanged; :meth:`shared_params` sends contiguous copies);
+    ``compile`` compiles the model in place (``nn.Module.compile``: no ``_orig_mod.`` wrapper, so the state dict, the
+    shared keys and a saved trainer state keep their names). Evaluation and prediction stay fp32 (compiled if asked).
+
     Raises:
-        ValueError: an empty training split, a method whose ``weight_by`` is unknown, or DP-SGD with a method that
+        ValueError: an empty training split, a method whose ``weight_by`` is unknown, DP-SGD with a method that
             names a ``dp_sgd_conflict`` (a regularizer: a term of the weights, not of a sample, which per-sample
-            clipping would not bound; or a step scale computed from the raw labels, as FedGS).
+            clipping would not bound; or a step scale computed from the raw labels, as FedGS), or DP-SGD with a
+            speed option Opacus cannot serve (:func:`speed_dp_sgd_conflict`: compile, bf16).
     """
 
     def __init__(
@@ -108,9 +153,14 @@ class LocalTrainer:
         if conflict:
             raise ValueError(f"method {method.name!r} {conflict}; use client-level DP of the update instead, "
                              "or another method")
+        speed_conflict = speed_dp_sgd_conflict(config.precision, config.compile) if dp is not None else None
+        if speed_conflict:
+            raise ValueError(speed_conflict)
         self.config = config
         self.device = torch.device(config.device)
         self.model = model.to(self.device)
+        if config.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.method = method
         self.shared_keys = method.shared_keys(model)
         self.train_set, self.val_set = train, val
@@ -128,6 +178,22 @@ class LocalTrainer:
                            case_ids=train.case_ids)
             self.loss_fn = per_sample_loss(self.loss_fn)
             self.model, self.optimizer = self.dp.make_private(self.model, self.optimizer)
+        if config.precision == "bf16":
+            self.loss_fn = _FP32Loss(self.loss_fn, self.device.type)
+        if config.compile:  # in place (nn.Module.compile): the module keeps its identity and its state-dict keys
+            self.model.compile(backend=config.compile_backend)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast of a training step's forward (and so its backward), or nothing."""
+        if self.config.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(self.device, non_blocking=True)
+        if self.config.channels_last and tensor.dim() == 4:
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+        return tensor
 
     def _finetune_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
@@ -138,7 +204,8 @@ class LocalTrainer:
         The current values of the shared keys, unless the method says otherwise (``shared_payload``: FedGS sends the
         global parameters minus its accumulated scaled update)."""
         state = self.model.state_dict()
-        return self.method.shared_payload(self.model, {k: state[k].detach().cpu().clone() for k in self.shared_keys})
+        return self.method.shared_payload(self.model, {k: state[k].detach().cpu().clone(
+            memory_format=torch.contiguous_format) for k in self.shared_keys})
 
     def load_shared(self, params: Mapping[str, object]) -> None:
         """Load the server's shared parameters; local parameters are left untouched. Then the method's
@@ -243,14 +310,16 @@ class LocalTrainer:
             if self.config.augment:
                 images, labels = random_flip(images, labels, self.generator)
             scale = self.method.batch_step_scale(labels) if scale_steps else None
-            images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            images, labels = self._to_device(images), self._to_device(labels)
             if federated:
                 self.method.begin_step(self.model, first_step + steps, self.steps_per_round)
             optimizer.zero_grad(set_to_none=True)
-            if federated:
-                loss = self.method.step_loss(self.model, images, labels, loss_fn)
-            else:
-                loss = self.method.finetune_step_loss(self.model, images, labels, loss_fn)
+            with self._autocast():
+                if federated:
+                    loss = self.method.step_loss(self.model, images, labels, loss_fn)
+                else:
+                    loss = self.method.finetune_step_loss(self.model, images, labels, loss_fn)
+            loss = loss.float()
             if regularize:
                 extra = self.method.regularizer(self.model)
                 if extra is not None:
@@ -338,6 +407,8 @@ class LocalTrainer:
 
     def _finetune(self) -> dict[str, object]:
         loss_fn = self.method.finetune_loss()
+        if self.config.precision == "bf16":
+            loss_fn = _FP32Loss(loss_fn, self.device.type)
         optimizer = self._finetune_optimizer()
         best_dice = self.evaluate(self.val_set).mean_dice()
         best_epoch, best_state = 0, copy.deepcopy(self.model.state_dict())
@@ -358,7 +429,7 @@ class LocalTrainer:
         self.model.eval()
         out = []
         for start in range(0, len(images), self.config.eval_batch_size):
-            batch = torch.from_numpy(images[start : start + self.config.eval_batch_size]).to(self.device)
+            batch = self._to_device(torch.from_numpy(images[start : start + self.config.eval_batch_size]))
             out.append(binarize(self.model(batch)).cpu())
         return torch.cat(out) if out else torch.zeros((0, 1, *images.shape[2:]))
 

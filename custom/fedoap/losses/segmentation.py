@@ -18,7 +18,12 @@ import torch.nn as nn
 
 from monai.losses import DiceLoss
 
-__all__ = ["BCEDiceLoss"]
+__all__ = ["DICE_REDUCTIONS", "BCEDiceLoss", "set_dice_reduction"]
+
+#: how the soft Dice term is reduced over a batch: ``"batch"`` pools the intersection and the sums over the whole
+#: batch (one Dice per channel); ``"image"`` computes one soft Dice per image and channel and averages them (the
+#: authors' code)
+DICE_REDUCTIONS = ("batch", "image")
 
 
 def _check_non_negative(name: str, value: object) -> None:
@@ -44,7 +49,11 @@ class BCEDiceLoss(nn.Module):
     empty mask: per-image soft Dice on an empty mask is ``smooth_nr / (sum(p) + smooth_dr)``, which
     is ~0 (loss ~1) for any non-negligible predicted foreground and so gives a large, noisy signal
     on every empty slice; pooling over the batch keeps the Dice term well defined and stable.
-    Set ``batch=False`` for the per-image mean.
+    Set ``batch=False`` (``dice_reduction="image"``) for the per-image mean, as in the authors' code: one soft Dice
+    ``(2 * sum(p * y) + smooth_nr) / (sum(p) + sum(y) + smooth_dr)`` per image and channel, averaged. An image with
+    an empty mask counts like any other: its Dice is ``smooth_nr / (sum(p) + smooth_dr)`` (1 when nothing is
+    predicted, ~0 otherwise). :attr:`dice_reduction` can be changed after construction (a method's loss receives
+    the run's ``--dice-reduction`` this way, :func:`set_dice_reduction`).
 
     Args:
         bce_weight: weight of the binary cross-entropy term. Defaults to 0.5 (paper).
@@ -52,6 +61,7 @@ class BCEDiceLoss(nn.Module):
         smooth_nr: constant added to the Dice numerator. Defaults to 1e-5.
         smooth_dr: constant added to the Dice denominator. Defaults to 1e-5.
         batch: pool the Dice statistics over the batch (see above). Defaults to True.
+        dice_reduction: ``"batch"`` or ``"image"``, an alternative to ``batch`` (which it overrides when given).
 
     Raises:
         ValueError: if a weight or smoothing constant is negative or not finite, or if both weights are 0.
@@ -71,6 +81,7 @@ class BCEDiceLoss(nn.Module):
         smooth_nr: float = 1e-5,
         smooth_dr: float = 1e-5,
         batch: bool = True,
+        dice_reduction: str | None = None,
     ) -> None:
         super().__init__()
         _check_non_negative("bce_weight", bce_weight)
@@ -81,6 +92,8 @@ class BCEDiceLoss(nn.Module):
             raise ValueError("bce_weight and dice_weight cannot both be 0.")
         if not isinstance(batch, bool):
             raise ValueError(f"batch must be a bool, got {batch!r}.")
+        if dice_reduction is not None:
+            batch = _batch_of(dice_reduction)
         self.bce_weight = bce_weight
         self.dice_weight = dice_weight
         self.smooth_nr = smooth_nr
@@ -88,6 +101,16 @@ class BCEDiceLoss(nn.Module):
         self.batch = batch
         self.bce = nn.BCEWithLogitsLoss()
         self.dice = DiceLoss(sigmoid=True, smooth_nr=float(smooth_nr), smooth_dr=float(smooth_dr), batch=batch)
+
+    @property
+    def dice_reduction(self) -> str:
+        """``"batch"`` (pooled Dice) or ``"image"`` (mean of per-image Dice); settable."""
+        return "batch" if self.batch else "image"
+
+    @dice_reduction.setter
+    def dice_reduction(self, value: str) -> None:
+        self.batch = _batch_of(value)
+        self.dice.batch = self.batch
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """
@@ -109,3 +132,26 @@ class BCEDiceLoss(nn.Module):
             )
         target = target.to(dtype=logits.dtype)
         return self.bce_weight * self.bce(logits, target) + self.dice_weight * self.dice(logits, target)
+
+
+def _batch_of(reduction: object) -> bool:
+    if reduction not in DICE_REDUCTIONS:
+        raise ValueError(f"dice_reduction must be one of {DICE_REDUCTIONS}, got {reduction!r}.")
+    return reduction == "batch"
+
+
+def set_dice_reduction(loss: nn.Module, reduction: str) -> int:
+    """Set the Dice reduction (``"batch"`` or ``"image"``) of every :class:`BCEDiceLoss` inside ``loss`` (itself
+    included, e.g. the segmentation loss inside a :class:`~fedoap.losses.PerturbedBoundaryLoss`); return how many
+    were set.
+
+    Raises:
+        ValueError: an unknown reduction.
+    """
+    _batch_of(reduction)
+    count = 0
+    for module in loss.modules():
+        if isinstance(module, BCEDiceLoss):
+            module.dice_reduction = reduction
+            count += 1
+    return count

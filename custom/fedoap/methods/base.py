@@ -5,6 +5,7 @@ controller serve every method."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 from abc import ABC, abstractmethod
 from typing import Any, Iterable, Mapping, Optional
@@ -12,6 +13,7 @@ from typing import Any, Iterable, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
+from fedoap.losses.segmentation import set_dice_reduction
 from fedoap.server.rules import ServerRule, WeightedMean
 
 __all__ = ["FederatedMethod"]
@@ -37,6 +39,22 @@ class FederatedMethod(ABC):
     #: ``stats["aggregation_weight"]``): its number of training samples (``"samples"``, FedAvg) or the number of
     #: optimizer steps of the round (``"steps"``)
     weight_by: str = "samples"
+    #: how the soft Dice term of every ``BCEDiceLoss`` inside this method's losses is reduced over a batch
+    #: (``"batch"``: pooled, the default; ``"image"``: mean of per-image Dice, the authors' code). The run's
+    #: ``--dice-reduction`` (``TrainingOptions.dice_reduction``) sets it on the method object; every loss returned by
+    #: :meth:`train_loss` and :meth:`finetune_loss` (of any subclass) then gets it, so a method does nothing for it.
+    dice_reduction: str = "batch"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in ("train_loss", "finetune_loss"):
+            if name in cls.__dict__ and not getattr(cls.__dict__[name], "_applies_loss_options", False):
+                setattr(cls, name, _with_loss_options(cls.__dict__[name]))
+
+    def apply_loss_options(self, loss: nn.Module) -> nn.Module:
+        """``loss`` with this method's :attr:`dice_reduction` set on every ``BCEDiceLoss`` inside it (in place)."""
+        set_dice_reduction(loss, self.dice_reduction)
+        return loss
 
     @abstractmethod
     def model_spec(self, model_args: dict[str, Any]) -> dict[str, Any]:
@@ -197,3 +215,15 @@ class FederatedMethod(ABC):
         if self.shares_statistics:
             return "sends statistics of its training data in clear, which no DP accountant covers"
         return None
+
+
+def _with_loss_options(build: Any) -> Any:
+    """Wrap a subclass's ``train_loss`` / ``finetune_loss`` so that its loss gets the method's loss options."""
+
+    @functools.wraps(build)
+    def wrapped(self: FederatedMethod) -> nn.Module:
+        loss = build(self)
+        return self.apply_loss_options(loss) if isinstance(loss, nn.Module) else loss
+
+    wrapped._applies_loss_options = True  # type: ignore[attr-defined]
+    return wrapped

@@ -8,9 +8,12 @@ model selection during fine-tuning uses the validation split (their code used th
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from fedoap.losses import BCEDiceLoss, PerturbedBoundaryLoss
 from fedoap.methods.base import FederatedMethod
@@ -34,7 +37,25 @@ class FedOAP(FederatedMethod):
         cross_attention: the decoupled cross-attention bottleneck; False is the ablation "without DCA" (a plain
             UNet bottleneck, shared).
         adapter: the local spatial adapter; False is the ablation "without adapter".
+        warm_start_query: not in the paper (off by default, the authors' behaviour): at the site's first round, once,
+            copy the received shared key/value branch into the local query branch (``kv_branch.* ->
+            query_branch.*``, ``dca.to_k.* -> dca.to_q.*``), so that the local query path starts from the same
+            features as the shared one instead of an independent random initialization. Never repeated (a resumed
+            site keeps its trained query path), never applied to a fine-tuning-only trainer after the rounds.
+        head_prior_init: not in the paper (off by default, the authors' behaviour): when the site's trainer is built,
+            once per model, shift the local head's bias so that the network's mean initial logit over the site's
+            training images is ``logit(pi)``, ``pi`` the tumour fraction of the site's training labels (clipped to
+            ``[1e-4, 0.5]``): the prior-probability initialization of Lin et al. (focal loss, ICCV 2017). The
+            default initialization starts with a random logit offset (e.g. +0.5: ~90% of the pixels predicted
+            tumour where ~2% are) that AdamW, moving each parameter by about ``lr`` per step, needs most of a short
+            run to undo. Computed from the site's own data for a parameter that never leaves the site.
     """
+
+    #: attribute a model gets once its head was prior-initialized (a deep copy keeps it: never applied twice)
+    PRIOR_INIT_MARK = "_fedoap_head_prior_init"
+
+    #: (source, target) module prefixes of the warm start of the query path
+    WARM_START_PAIRS = (("kv_branch", "query_branch"), ("dca.to_k", "dca.to_q"))
 
     name = "fedoap"
     server_rule = WeightedMean
@@ -49,7 +70,16 @@ class FedOAP(FederatedMethod):
         pbl_perturbed_weight: float = 0.1,
         cross_attention: bool = True,
         adapter: bool = True,
+        warm_start_query: bool = False,
+        head_prior_init: bool = False,
     ) -> None:
+        if not isinstance(head_prior_init, bool):
+            raise ValueError(f"head_prior_init must be true or false, got {head_prior_init!r}")
+        if not isinstance(warm_start_query, bool):
+            raise ValueError(f"warm_start_query must be true or false, got {warm_start_query!r}")
+        if warm_start_query and not cross_attention:
+            raise ValueError("warm_start_query needs the cross-attention bottleneck (cross_attention=true): without "
+                             "it there is no query branch")
         self.partition = partition
         self.use_pbl = use_pbl
         self.pbl_threshold = pbl_threshold
@@ -58,6 +88,9 @@ class FedOAP(FederatedMethod):
         self.pbl_perturbed_weight = pbl_perturbed_weight
         self.cross_attention = cross_attention
         self.adapter = adapter
+        self.warm_start_query = warm_start_query
+        self.head_prior_init = head_prior_init
+        self._warm_started = False
 
     def model_spec(self, model_args: dict[str, Any]) -> dict[str, Any]:
         return {"class_path": f"{FedOAPNet.__module__}.{FedOAPNet.__name__}",
@@ -82,3 +115,85 @@ class FedOAP(FederatedMethod):
             plain_weight=self.pbl_plain_weight,
             perturbed_weight=self.pbl_perturbed_weight,
         )
+
+    @classmethod
+    def warm_start_keys(cls, model: nn.Module) -> dict[str, str]:
+        """``{target key: source key}`` of the query path's warm start (every parameter of the query branch and of
+        ``dca.to_q`` by its ``kv_branch`` / ``dca.to_k`` counterpart)."""
+        state = model.state_dict()
+        pairs = {}
+        for source, target in cls.WARM_START_PAIRS:
+            for key in state:
+                if key.startswith(target + "."):
+                    pairs[key] = source + key[len(target):]
+        return pairs
+
+    @property
+    def dp_sgd_conflict(self) -> str | None:
+        """``head_prior_init`` reads the training labels outside DP-SGD's clipping and noise (the shared updates
+        then depend on it), so DP-SGD refuses it."""
+        if self.head_prior_init:
+            return ("with head_prior_init sets its head from the training labels' tumour fraction, outside DP-SGD's "
+                    "clipping and noise")
+        return super().dp_sgd_conflict
+
+    def begin_training(self, model: nn.Module, train: Any) -> None:
+        """With ``head_prior_init``: set the head's initial bias from the site's training split (once per model)."""
+        if self.head_prior_init and not getattr(model, self.PRIOR_INIT_MARK, False):
+            prior_init_head(model, train.images, train.labels)
+            setattr(model, self.PRIOR_INIT_MARK, True)
+
+    def begin_round(self, model: nn.Module, global_shared: Mapping[str, Tensor]) -> None:
+        """With ``warm_start_query``, the first call (the first round's received shared model) copies the key/value
+        path into the local query path, once."""
+        if not self.warm_start_query or self._warm_started or not global_shared:
+            return
+        self._warm_started = True
+        state = model.state_dict()
+        with torch.no_grad():
+            for target, source in self.warm_start_keys(model).items():
+                state[target].copy_(state[source])
+
+    def site_state(self, model: nn.Module) -> dict[str, Any]:
+        """Whether the query path was warm-started (only with ``warm_start_query``)."""
+        return {"warm_started": self._warm_started} if self.warm_start_query else {}
+
+    def load_site_state(self, model: nn.Module, state: Mapping[str, Any]) -> None:
+        """A resumed site keeps its trained query path: the warm start is not repeated."""
+        if not self.warm_start_query:
+            return
+        started = state.get("warm_started")
+        if not isinstance(started, bool):
+            raise ValueError(f"FedOAP's site state needs a boolean 'warm_started', got {started!r}")
+        self._warm_started = started
+
+
+def prior_init_head(model: nn.Module, images: Any, labels: Any, clip: tuple[float, float] = (1e-4, 0.5),
+                    batch_size: int = 64) -> float:
+    """Shift ``model.head``'s bias so that the mean logit of ``model`` over ``images`` becomes ``logit(pi)``, ``pi``
+    the foreground fraction of ``labels`` clipped to ``clip``; return the shift (prior-probability initialization,
+    Lin et al., ICCV 2017).
+
+    Raises:
+        ValueError: a model whose ``head`` has no bias, or no images.
+    """
+    head = getattr(model, "head", None)
+    if not isinstance(head, nn.Conv2d) or head.bias is None:
+        raise ValueError("head_prior_init needs a model whose head is a Conv2d with a bias")
+    images = torch.as_tensor(images)
+    if images.shape[0] == 0:
+        raise ValueError("head_prior_init needs at least one training image")
+    pi = min(max(float(torch.as_tensor(labels, dtype=torch.float64).mean()), clip[0]), clip[1])
+    device = head.bias.device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, images.shape[0], batch_size):
+            z = model(images[start:start + batch_size].to(device=device, dtype=head.weight.dtype))
+            total += float(z.double().sum())
+            count += z.numel()
+        shift = math.log(pi / (1.0 - pi)) - total / count
+        head.bias += shift
+    model.train(was_training)
+    return shift
