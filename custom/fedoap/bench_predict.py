@@ -20,29 +20,24 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedoap.argtypes import int_at_least
+
 __all__ = ["add_options", "run", "bench_predict"]
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+_POSITIVE = int_at_least(1)
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
     """The benchmark's options (imports nothing heavy)."""
     p.add_argument("--out", default="runs/bench_predict", help="folder of bench_predict.json and .md")
-    p.add_argument("--cases", type=_positive, default=8, help="synthetic brain MRI volumes (default 8)")
-    p.add_argument("--scan-size", type=_positive, default=160, help="in-plane size of the volumes (default 160)")
-    p.add_argument("--depth", type=_positive, default=40, help="slices per volume (default 40)")
-    p.add_argument("--image-size", type=_positive, default=64, help="the model's training slice size (default 64)")
-    p.add_argument("--width", type=_positive, default=16, help="the FedOAP network's base width (default 16)")
-    p.add_argument("--batch-size", type=_positive, default=32, help="slices per forward pass, both sides (default 32)")
-    p.add_argument("--repeats", type=_positive, default=3, help="timed passes of each side after a warm-up (default 3)")
+    p.add_argument("--cases", type=_POSITIVE, default=8, help="synthetic brain MRI volumes (default 8)")
+    p.add_argument("--scan-size", type=_POSITIVE, default=160, help="in-plane size of the volumes (default 160)")
+    p.add_argument("--depth", type=_POSITIVE, default=40, help="slices per volume (default 40)")
+    p.add_argument("--image-size", type=_POSITIVE, default=64, help="the model's training slice size (default 64)")
+    p.add_argument("--width", type=_POSITIVE, default=16, help="the FedOAP network's base width (default 16)")
+    p.add_argument("--batch-size", type=_POSITIVE, default=32, help="slices per forward pass, both sides (default 32)")
+    p.add_argument("--repeats", type=_POSITIVE, default=3, help="timed passes of each side after a warm-up (default 3)")
     p.add_argument("--devices", default="auto",
                    help="comma-separated torch devices, or auto: cpu, and cuda when available (default auto)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")

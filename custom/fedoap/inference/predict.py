@@ -33,6 +33,8 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from fedoap.argtypes import int_at_least
+
 __all__ = ["NIFTI_SUFFIXES", "IMAGE_2D_SUFFIXES", "MASK_POSTFIX", "OVERLAY_POSTFIX", "PNG_FOREGROUND", "CaseResult",
            "case_id", "list_inputs", "check_modality", "resolve_device", "load_for_cli", "predict_paths", "predict_cases",
            "add_options", "run"]
@@ -180,7 +182,13 @@ def _read(path: Path, card, channel: Optional[int]):
     """
     import nibabel as nib
 
-    from fedoap.data.loader import MAX_AXIS_LENGTH, MAX_VOXELS, _read_array, _SiteFile, _SizeLimits
+    from fedoap.data.loader import (
+        MAX_AXIS_LENGTH,
+        MAX_VOXELS,
+        _read_array,
+        _SiteFile,
+        _SizeLimits,
+    )
 
     array = _read_array(_Inputs, _SiteFile(str(path), path), _SizeLimits.checked(MAX_VOXELS, MAX_AXIS_LENGTH))
     if not _is_volume_file(path):
@@ -364,24 +372,8 @@ def predict_paths(model, inputs: Sequence[Path], out_dir: Path, *, batch_size: i
 # ------------------------------------------------------------------------------------------------- command line
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a channel index (0, 1, ...), got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+_POSITIVE = int_at_least(1)
+_INDEX = int_at_least(0)
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
@@ -392,11 +384,11 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", help="the site's at-rest key (<workspace>/local/fedoap_at_rest.key) for an "
                                       "encrypted model file")
     parser.add_argument("--overlay", action="store_true", help="also write <case>_overlay.png (scan with the mask)")
-    parser.add_argument("--batch-size", type=_positive, default=32, help="slices per forward pass (default 32)")
+    parser.add_argument("--batch-size", type=_POSITIVE, default=32, help="slices per forward pass (default 32)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument("--modality", help="the inputs' modality (CT, MRI, FLAIR, US, ...): refused unless the "
                                            "model's family")
-    parser.add_argument("--channel", type=_non_negative,
+    parser.add_argument("--channel", type=_INDEX,
                         help="the channel of 4D (channel-last, multi-modal) volumes that holds the model's modality")
 
 
