@@ -82,8 +82,11 @@ def test_settings_trade_rounds_for_local_epochs_and_reject_bad_overrides():
     assert resolve_settings("fast", {"rounds": 3, "local_epochs": 2})["total_epochs"] == 6
     # a preset is a partial override of the run configuration: what it leaves out is the configuration's default
     assert (resolve_settings("fast")["lr"], resolve_settings("fast")["device"]) == (1e-3, "cpu")
+    medium = resolve_settings("medium")  # the CPU preset where personalization matters: three organ sites
+    assert (medium["clients"], medium["image_size"], medium["width"], medium["rounds"]) == \
+        (("brain", "liver", "breast"), 64, 16, 15)
     for preset, overrides, message in [
-        ("medium", {}, "preset"),
+        ("huge", {}, "preset"),
         ("fast", {"epochs": 3}, "epochs"),
         ("fast", {"rounds": 2, "total_epochs": 4}, "not both"),
         ("full", {"local_epochs": 3}, "multiple"),
