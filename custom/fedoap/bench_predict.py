@@ -49,11 +49,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.devices == "auto" else \
         [d.strip() for d in args.devices.split(",") if d.strip()]
+    from fedoap.inference.model_file import resolve_device
+
     for device in devices:
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--devices: {device} is not available on this machine")
-        if not (device == "cpu" or device.startswith("cuda")):
-            raise ValueError(f"--devices: expected cpu or cuda[:N], got {device!r}")
+        try:
+            resolve_device(device)
+        except ValueError as err:
+            raise ValueError(f"--devices: {err}") from None
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")

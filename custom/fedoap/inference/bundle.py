@@ -279,9 +279,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """``fedoap export-bundle``: read the model (``--key`` for an encrypted one), write the bundle, say how to run it."""
-    from fedoap.inference.predict import load_for_cli
+    from fedoap.inference.model_file import open_model
 
-    model = load_for_cli(args.model, args.key)
+    model = open_model(args.model, args.key)
     out = export_bundle(model, args.out, overwrite=args.overwrite, source=args.model)
     print(f"fedoap export-bundle: wrote {out} ({', '.join(BUNDLE_FILES)}); run it with:\n"
           f"  python -m monai.bundle run --config_file {out / 'configs/inference.json'} --bundle_root {out} "

@@ -39,7 +39,7 @@ from fedoap.data.loader import (MAX_AXIS_LENGTH, MAX_VOXELS, _case_id, _nifti_he
 from fedoap.data.normalization import modality_family
 from fedoap.eval.metrics import EMPTY_MASK_RULE, per_image_scores
 from fedoap.eval.volume import VOLUME_EMPTY_MASK_RULE, volume_scores
-from fedoap.inference.model_file import PersonalizedModel, Preprocessing, load_model
+from fedoap.inference.model_file import PersonalizedModel, Preprocessing, open_model, resolve_device
 from fedoap.inference.segment import probabilities, to_network_input, to_scan_size
 
 __all__ = ["add_options", "run", "evaluate", "CASES_FILE", "SUMMARY_FILE", "CASE_COLUMNS", "SPLITS"]
@@ -82,22 +82,6 @@ def run(args: argparse.Namespace) -> None:
 
 
 # -- checks, before any work ------------------------------------------------------------------------------------------
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {name!r}: expected cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA device on this machine")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: MPS is not available on this machine")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device {name!r}: expected cpu, cuda, cuda:N or mps")
-    return device
-
-
 def _output_dir(out: Path) -> Path:
     from fedoap.files import make_private_dir
 
@@ -110,18 +94,6 @@ def _output_dir(out: Path) -> Path:
     if not os.access(out, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: cannot write there")
     return out
-
-
-def _model(path: Path, key_file: Optional[str], device: torch.device) -> PersonalizedModel:
-    from fedoap.privacy.at_rest import AtRestError, load_key
-
-    key = load_key(key_file) if key_file else None
-    try:
-        return load_model(path, key=key, device=device)
-    except AtRestError as err:
-        if key is None:
-            raise ValueError(f"{err}; give it with --key FILE") from None
-        raise
 
 
 def _check_modality(dataset: dict, data_dir: Path, prep: Preprocessing) -> None:
@@ -245,10 +217,10 @@ def evaluate(model: str | os.PathLike, data: str | os.PathLike, out: str | os.Pa
         raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {batch_size!r}")
-    torch_device = _device(str(device))
+    torch_device = resolve_device(str(device))
     data_dir, model_path = Path(data).absolute(), Path(model).absolute()
     site, dataset, files = _read_site(data_dir)
-    loaded = _model(model_path, str(key_file) if key_file else None, torch_device)
+    loaded = open_model(model_path, key_file, torch_device)
     prep = loaded.card.preprocessing
     _check_modality(dataset, data_dir, prep)
     chosen = _test_cases(len(files), loaded.card.provenance.get("seed")) if split == "test" else range(len(files))

@@ -25,7 +25,8 @@ from torch import nn
 from fedoap.data.normalization import normalizer_args
 
 __all__ = ["CARD_KEY", "CARD_VERSION", "NETWORK_PACKAGE", "Preprocessing", "ModelCard", "PersonalizedModel",
-           "read_card", "load_model", "load_weights_into", "model_file_metadata", "save_model"]
+           "read_card", "load_model", "open_model", "resolve_device", "load_weights_into", "model_file_metadata",
+           "save_model"]
 
 #: the safetensors metadata key that holds the card (a JSON string)
 CARD_KEY = "fedoap_card"
@@ -274,3 +275,39 @@ def load_model(path: str | os.PathLike, key: Optional[bytes] = None,
         raise ValueError(f"{path}: {err}") from None
     network = load_weights_into(network, weights, str(path))
     return PersonalizedModel(network=network.to(device).eval(), card=card)
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    """The torch device of a ``--device`` option (None: the CPU), checked by the run options' own rules: the name
+    (:func:`fedoap.config.device_name`) and whether this machine has it (``TrainingOptions.require_device``).
+
+    Raises:
+        ValueError: a name that is not cpu, cuda, cuda:N or mps, or a device this machine does not have.
+    """
+    from fedoap.config import TrainingOptions, device_name
+
+    name = name or "cpu"
+    if device_name(name):
+        raise ValueError(f"--device {name!r}: expected cpu, cuda, cuda:N or mps")
+    TrainingOptions(device=name).require_device()
+    return torch.device(name)
+
+
+def open_model(path: str | os.PathLike, key_file: Optional[str | os.PathLike] = None,
+               device: Optional[str | torch.device] = None) -> PersonalizedModel:
+    """:func:`load_model` for a command's ``--model`` and ``--key``: an encrypted file given without ``--key`` is
+    refused naming the option to use.
+
+    Raises:
+        FileNotFoundError, ValueError: no such file, an unreadable key, not a model file, weights that do not fit.
+    """
+    from fedoap.privacy.at_rest import AT_REST_KEY_FILE, AtRestError, load_key
+
+    key = load_key(key_file) if key_file else None
+    try:
+        return load_model(path, key=key, device=device or "cpu")
+    except AtRestError as err:
+        if key is None and "encrypted" in str(err):
+            raise ValueError(f"{path}: the model file is encrypted at rest; give it with --key FILE (the site's "
+                             f"<workspace>/local/{AT_REST_KEY_FILE})") from None
+        raise

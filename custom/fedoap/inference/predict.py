@@ -36,7 +36,7 @@ import numpy as np
 from fedoap.argtypes import int_at_least
 
 __all__ = ["NIFTI_SUFFIXES", "IMAGE_2D_SUFFIXES", "MASK_POSTFIX", "OVERLAY_POSTFIX", "PNG_FOREGROUND", "CaseResult",
-           "case_id", "list_inputs", "check_modality", "resolve_device", "load_for_cli", "predict_paths", "predict_cases",
+           "case_id", "list_inputs", "check_modality", "predict_paths", "predict_cases",
            "add_options", "run"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -267,30 +267,6 @@ def _overlay(image: np.ndarray, mask: np.ndarray, card, volumetric: bool) -> np.
 # ---------------------------------------------------------------------------------------------------- predicting
 
 
-def resolve_device(name: Optional[str]):
-    """A torch device for ``--device`` (None: the CPU).
-
-    Raises:
-        ValueError: ``cuda`` on a machine without a usable CUDA device, or a name torch does not know.
-    """
-    import torch
-
-    if name is None:
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {name!r}: not a device name (cpu, cuda, cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: no CUDA device is available on this machine (use --device cpu)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
-        raise ValueError(f"--device {name}: only cpu and cuda are supported")
-    return device
-
-
 def predict_cases(model, inputs: Sequence[Path], out_dir: Path, *, batch_size: int = 32, device=None,
                   overlay: bool = False, channel: Optional[int] = None,
                   progress: bool = True) -> Iterator[CaseResult]:
@@ -392,31 +368,13 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                         help="the channel of 4D (channel-last, multi-modal) volumes that holds the model's modality")
 
 
-def load_for_cli(model_path: str, key_path: Optional[str], device=None):
-    """The model of ``--model``, decrypted with ``--key`` when given; an encrypted file without ``--key`` is refused
-    with the option to use.
-
-    Raises:
-        FileNotFoundError, ValueError: no such file, a bad key, not a model file, weights that do not fit its card.
-    """
-    from fedoap.inference.model_file import load_model
-    from fedoap.privacy.at_rest import AT_REST_KEY_FILE, AtRestError, load_key
-
-    key = load_key(key_path) if key_path else None
-    try:
-        return load_model(model_path, key=key, device=device or "cpu")
-    except AtRestError as err:
-        if key is None and "encrypted" in str(err):
-            raise ValueError(f"{model_path}: the model file is encrypted at rest; give the site's key with --key "
-                             f"(<workspace>/local/{AT_REST_KEY_FILE})") from None
-        raise
-
-
 def run(args: argparse.Namespace) -> None:
     """``fedoap predict``: check everything that can be checked before reading an image, then segment case by case
     and print one summary line."""
+    from fedoap.inference.model_file import open_model, resolve_device
+
     device = resolve_device(args.device)
-    model = load_for_cli(args.model, args.key, device)
+    model = open_model(args.model, args.key, device)
     if args.modality:
         check_modality(args.modality, model.card, f"--modality {args.modality}")
     inputs = list_inputs(args.input, model.card)
