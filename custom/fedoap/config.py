@@ -85,6 +85,20 @@ def image_size(v: int) -> Optional[str]:
     return None if v >= 32 else "must be >= 32 (the bottleneck, at 1/16 of it, needs more than one position)"
 
 
+def volume_size(v: int) -> Optional[str]:
+    return None if v >= 16 and v % 8 == 0 else "must be a multiple of 8 and >= 16 (FedMEPDNet halves it 3 times)"
+
+
+def modality_masks(v: tuple[str, ...]) -> Optional[str]:
+    bad = [m for m in v if len(m) != 4 or set(m) - {"0", "1"} or "1" not in m]
+    return f"must be masks of four 0/1 digits with at least one 1, got {bad}" if bad else None
+
+
+#: the tasks a run can train (``TrainingOptions.task``)
+ORGAN_TASK, BRATS_TASK = "organ-slices", "brats-missing-modality"
+TASKS = (ORGAN_TASK, BRATS_TASK)
+
+
 def device_name(v: str) -> Optional[str]:
     return None if re.fullmatch(r"cpu|cuda(:\d+)?|mps", v) else "must be cpu, cuda, cuda:N or mps"
 
@@ -241,9 +255,20 @@ class TrainingOptions:
                                           "sums pooled over the batch) or image (mean of per-image Dice, as the "
                                           "authors' code; an empty mask counts by its smoothing terms)",
                                  choices=("batch", "image"))
+    task: str = option("organ-slices", "what the sites segment: organ-slices (one tumour mask per 2D slice, every "
+                                       "method of fedoap.methods.METHODS) or brats-missing-modality (3D brain MRI, "
+                                       "four modalities of which each site holds some, regions WT/TC/ET; "
+                                       "--method fedmepd)", choices=TASKS)
+    volume_size: int = option(32, "brats-missing-modality: every case is resized to SIZE^3 voxels",
+                              check=volume_size)
 
     def __post_init__(self) -> None:
         _validate(self)
+
+    @property
+    def volumetric(self) -> bool:
+        """Whether the task is the 3D multi-modal brain-tumour task (``--task brats-missing-modality``)."""
+        return self.task == BRATS_TASK
 
     def model_args(self) -> dict[str, Any]:
         return unet_model_args(self.width)
@@ -333,11 +358,12 @@ class MethodOptions:
 
     def __post_init__(self) -> None:
         _validate(self)
-        from fedoap.methods import METHODS
+        from fedoap.methods import all_methods
 
-        if self.name not in METHODS:
-            raise ValueError(f"--method: unknown method {self.name!r}; choose one of {sorted(METHODS)}")
-        cls = METHODS[self.name]
+        methods = all_methods()
+        if self.name not in methods:
+            raise ValueError(f"--method: unknown method {self.name!r}; choose one of {sorted(methods)}")
+        cls = methods[self.name]
         import inspect
 
         params = inspect.signature(cls.__init__).parameters
@@ -605,6 +631,11 @@ class RunConfig:
             method = self.method.instance
             method.dice_reduction = self.training.dice_reduction
         privacy, name = self.privacy, self.method.name
+        from fedoap.methods import VOLUME_METHODS
+
+        if self.training.volumetric != (name in VOLUME_METHODS):
+            serves = sorted(VOLUME_METHODS) if self.training.volumetric else f"any but {sorted(VOLUME_METHODS)}"
+            raise ValueError(f"--task {self.training.task}: method {name!r} does not serve it; use {serves}")
         rule = method.server_rule
         from fedoap.server.rules import ServerRule, WeightedMean
 
@@ -617,8 +648,9 @@ class RunConfig:
             raise ValueError(f"{hidden}: method {name!r} shares nothing (server rule {rule.name!r}): there is no "
                              f"update for {what} to protect")
         if hidden and not rule.linear:
-            raise ValueError(f"{hidden}: method {name!r} combines updates by {rule.name!r}, which needs plaintext on "
-                             f"the server; {what} supports only linear rules (a weighted sum)")
+            why = getattr(rule, "plaintext_reason", "") or "which needs plaintext on the server"
+            raise ValueError(f"{hidden}: method {name!r} combines updates by {rule.name!r}, {why}; {what} supports "
+                             "only linear rules (a weighted sum)")
         if privacy.dp_update_clip > 0 and not rule.shares:
             raise ValueError(f"--dp-update-clip: method {name!r} shares nothing: there is no update to clip and noise")
         statistics = ("sends site statistics in clear next to its update (its site_statistics), which {} of the "
@@ -805,6 +837,12 @@ class FederationOptions:
     cases: dict[str, int] = option(factory=dict, help="synthetic data: cases per site, e.g. brain=6,breast=60 "
                                                       "(default: the organ's)", parse=_site_counts, show=_show_counts)
     synthetic_size: int = option(128, "synthetic data: in-plane size in pixels", check=at_least(16))
+    modality_masks: tuple[str, ...] = option((), "brats-missing-modality, synthetic data: one modality mask per "
+                                                 "client over flair,t1ce,t1,t2, e.g. 1111,1100,0011 (default: the "
+                                                 "authors' eight, 1111,1110,1011,1100,0011,0100,0001,1111)",
+                                             parse=_csv, show=",".join, check=modality_masks)
+    server_cases: int = option(4, "brats-missing-modality, synthetic data: cases of the server's full-modal "
+                                  "labelled set (0: none, so no server step and no anchors)", check=at_least(0))
     processes: int = option(0, "simulator client processes (NVFlare's num_threads; 0: one per site)",
                             check=at_least(0))
 
@@ -927,9 +965,9 @@ def method_from_namespace(args: Any) -> MethodOptions:
         if value is None:
             continue
         if owner != name:
-            from fedoap.methods import METHODS
+            from fedoap.methods import all_methods
 
-            raise ValueError(f"{flag} is {METHODS[owner].__name__}'s option; --method is {name!r}")
+            raise ValueError(f"{flag} is {all_methods()[owner].__name__}'s option; --method is {name!r}")
         method_args[argument] = value
     return MethodOptions(name=name, args=method_args)
 

@@ -19,6 +19,7 @@ import shutil
 import signal
 import threading
 import time
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -144,6 +145,92 @@ def _prepare_data(federation: FederationOptions, seed: int, out: Path, replace: 
         except ValueError as err:
             raise SimulationError(str(err)) from None
     return root, (root / federation.unseen if federation.unseen else None)
+
+
+#: the default number of cases of a synthetic brain-tumour site
+BRATS_DEFAULT_CASES = 6
+#: the folder of the server's full-modal labelled set, next to the sites' folders
+BRATS_SERVER_DIR = "server"
+
+
+def brats_federation(federation: FederationOptions, seed: int, size: int, out: Path,
+                     replace: bool) -> tuple[FederationOptions, Path]:
+    """The brain-tumour task's federation and data folder: the user's folders (``--data``: one folder per client,
+    the server's full-modal set in ``server/`` if any), or a synthetic federation under ``out/brats_data`` with one
+    modality mask per client (``--modality-masks``; default the authors' eight) and the server's set. Clients left at
+    the organ default become ``site-1 .. site-N``.
+
+    Raises:
+        SimulationError: a missing site folder, as many masks as clients not given, or synthetic data made with
+            other settings (without ``replace``).
+    """
+    from dataclasses import replace as replaced
+
+    from fedoap.config import DEFAULT_CLIENTS
+    from fedoap.data.brats import AUTHORS_MASKS, FULL_MASK, generate_brats_site
+
+    masks = list(federation.modality_masks) or ["".join("1" if b else "0" for b in m) for m in AUTHORS_MASKS]
+    clients = federation.clients
+    if clients == DEFAULT_CLIENTS:
+        clients = tuple(f"site-{i}" for i in range(1, len(masks) + 1))
+    federation = replaced(federation, clients=clients, unseen=None)
+    if federation.data:
+        root = Path(federation.data).resolve()
+        for site in clients:
+            if not (root / site).is_dir():
+                raise SimulationError(f"{root / site}: no such site folder")
+        return federation, root
+    if len(masks) != len(clients):
+        raise SimulationError(f"--modality-masks gives {len(masks)} mask(s) for {len(clients)} client(s)")
+    root = out / "brats_data"
+    want = {"seed": seed, "size": size, "server_cases": federation.server_cases,
+            "sites": {c: [m, int(federation.cases.get(c, BRATS_DEFAULT_CASES))] for c, m in zip(clients, masks)}}
+    marker = root / SYNTHETIC_MARKER
+    if marker.exists():
+        if json.loads(marker.read_text()) == want:
+            return federation, root
+        if not replace:
+            raise SimulationError(f"{root} holds synthetic data generated with other settings; choose another --out "
+                                  "or pass --overwrite")
+    plan = [(c, m, n) for c, (m, n) in want["sites"].items()]
+    if federation.server_cases:
+        plan.append((BRATS_SERVER_DIR, "".join("1" for _ in FULL_MASK), federation.server_cases))
+    for name, mask, n in plan:
+        site_seed = int(np.random.SeedSequence([seed, zlib.crc32(name.encode())]).generate_state(1)[0])
+        generate_brats_site(root / name, mask, n, seed=site_seed, size=size, depth=size,
+                            case_prefix=f"BraTS_{name.replace('-', '')}", overwrite=True)
+    write_json(marker, want)
+    return federation, root
+
+
+def _brats_method_args(run: RunConfig, data_root: Path) -> dict[str, Any]:
+    """FedMEPD's server-side arguments for a simulation: the server's set next to the sites' (when there is one
+    and the run names none) at the sites' volume size."""
+    args = dict(run.method.args)
+    method = run.method.instance
+    if getattr(method, "baseline", "") or run.method.name != "fedmepd":
+        return args
+    if not args.get("server_data") and (data_root / BRATS_SERVER_DIR).is_dir():
+        args["server_data"] = str(data_root / BRATS_SERVER_DIR)
+    args.setdefault("server_size", run.training.volume_size)
+    return args
+
+
+def _region_rule() -> str:
+    from fedoap.eval.regions import REGION_RULE
+
+    return REGION_RULE
+
+
+def _brats_client(m: Mapping[str, Any]) -> dict[str, Any]:
+    """A brain-tumour site's line of results.json: the means and every region's Dice and HD95."""
+    from fedoap.eval.regions import REGION_NAMES
+
+    return {"organ": m.get("organ", "brain"), "dice": m["test_dice"],
+            "hd95": m["test_hd95"], "n_test": m["n_test"],
+            "best_finetune_epoch": m["best_finetune_epoch"], "best_val_dice": m["best_val_dice"],
+            "personal_filters": m.get("personal_filters"),
+            "regions": {r: {"dice": m.get(f"test_dice_{r}"), "hd95": m.get(f"test_hd95_{r}")} for r in REGION_NAMES}}
 
 
 @contextlib.contextmanager
@@ -336,9 +423,24 @@ def run_simulation(run: RunConfig, federation: FederationOptions, out: str | os.
     out.mkdir(parents=True, exist_ok=True)
     t = run.training
 
-    data_root, unseen_dir = _prepare_data(federation, t.seed, out, replace=overwrite)
-    say(f"[fedoap] data: {data_root}")
-    for site in federation.clients:  # fail fast, naming the file, before any NVFlare process starts
+    volumetric = run.training.volumetric
+    site_modalities: dict[str, str] = {}
+    if volumetric:
+        from fedoap.data.brats import load_brats_splits
+
+        federation, data_root = brats_federation(federation, t.seed, run.training.volume_size, out, replace=overwrite)
+        unseen_dir = None
+        say(f"[fedoap] data: {data_root}")
+        for site in federation.clients:  # fail fast, naming the file, before any NVFlare process starts
+            b = load_brats_splits(data_root / site, size=run.training.volume_size, seed=t.seed, name=site)
+            site_modalities[site] = "+".join(b.modalities)
+            say(f"[fedoap]   {site}: brain ({'+'.join(b.modalities)}), volumes train/val/test "
+                f"{len(b.train)}/{len(b.val)}/{len(b.test)}")
+        run = run.override(method_args=_brats_method_args(run, data_root))
+    else:
+        data_root, unseen_dir = _prepare_data(federation, t.seed, out, replace=overwrite)
+        say(f"[fedoap] data: {data_root}")
+    for site in federation.clients if not volumetric else ():  # fail fast, naming the file, before NVFlare starts
         d = load_site(data_root / site, image_size=t.image_size, seed=t.seed, name=site)
         say(f"[fedoap]   {site}: {d.organ} ({d.modality}), slices train/val/test {len(d.train)}/{len(d.val)}/{len(d.test)}")
     if unseen_dir is not None:
@@ -401,6 +503,11 @@ def run_simulation(run: RunConfig, federation: FederationOptions, out: str | os.
             say(f"[fedoap] WARNING {site}: no personalized result ({missing[site]}); see {ws / site / 'log.txt'}")
             continue
         overlays[site] = _read_overlays(ws, site, pooled=pooled)
+        if volumetric:
+            clients[site] = {**_brats_client(m), "modalities": site_modalities.get(site)}
+            uploads = [r["sites"][site]["bytes_uploaded"] for r in history["rounds"] if site in r["sites"]]
+            bytes_per_round[site] = int(max(uploads)) if uploads else 0
+            continue
         clients[site] = {"organ": m["organ"], "dice": m["test_dice"], "hd95": m["test_hd95"], "n_test": m["n_test"],
                          "n_test_empty": m["n_test_empty"], "best_finetune_epoch": m["best_finetune_epoch"],
                          "best_val_dice": m["best_val_dice"]}
@@ -428,7 +535,9 @@ def run_simulation(run: RunConfig, federation: FederationOptions, out: str | os.
         "bytes_uploaded_per_round": bytes_per_round,
         "wall_time_s": wall,
         "parameters": {"total": n_params, "shared": n_shared},
-        "empty_mask_rule": EMPTY_MASK_RULE,
+        "task": run.training.task,
+        **({"region_rule": _region_rule()} if volumetric else {}),
+        "empty_mask_rule": _region_rule() if volumetric else EMPTY_MASK_RULE,
         "lesion_fp_rule": LESION_FP_RULE,  # lesion_dice, empty_fp_rate, empty_fp_area, pooled_dice of every split
         "privacy": _privacy_summary(run, federation.clients, history),
         "val_dice_per_round": {
@@ -446,5 +555,9 @@ def run_simulation(run: RunConfig, federation: FederationOptions, out: str | os.
     plot_dice_per_round(history, results, out / "dice_per_round.png")
     plot_overlays(overlays, out / "overlays.png")
     say(results_table(results))
+    if volumetric:
+        for site, row in sorted(clients.items()):
+            say(f"[fedoap]   {site} ({row['modalities']}): " + "; ".join(
+                f"{r.upper()} Dice {v['dice']:.3f} HD95 {v['hd95']:.1f}" for r, v in row["regions"].items()))
     say(f"[fedoap] wrote {out / 'results.json'}, {out / 'dice_per_round.png'}, {out / 'overlays.png'}")
     return results

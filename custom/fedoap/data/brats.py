@@ -109,14 +109,17 @@ __all__ = [
     "MODALITIES",
     "REGIONS",
     "BratsCase",
+    "BratsData",
     "BratsSite",
     "BratsSplit",
     "generate_brats_federation",
     "generate_brats_site",
     "load_brats_site",
+    "load_brats_splits",
     "mask_from_string",
     "regions_from_labels",
     "split_brats_site",
+    "VolumeSet",
 ]
 
 MODALITIES: tuple[str, ...] = ("flair", "t1ce", "t1", "t2")
@@ -943,3 +946,63 @@ def load_brats_site(
         resizers = (Resize(size, mode="trilinear"), Resize(size, mode="nearest"))
     loaded = [_load_case(site, case, convention, limits, normalization, crop, resizers, size) for case in cases]
     return BratsSite(name or Path(site_dir).name, declared, convention, layout, loaded)
+
+
+# ================================================================ what a site trains on
+
+
+@dataclass
+class VolumeSet:
+    """
+    One split of a brain-tumour site as the generic trainer reads it (``fedoap.training.LocalTrainer``): whole
+    volumes as samples.
+
+    Attributes:
+        images: float32 ``(N, 4, H, W, D)``, absent modalities zero.
+        labels: float32 ``(N, 3, H, W, D)``, the WT/TC/ET region masks (one sigmoid channel each).
+        case_ids: one per volume (the DP unit "case" is the sample itself).
+        present: bool ``(4,)``, the modalities the site holds.
+        spacings: voxel size of every volume (HD95 in mm).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    case_ids: list[str]
+    present: np.ndarray
+    spacings: list[tuple[float, float, float]]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @classmethod
+    def of(cls, site: BratsSite) -> VolumeSet:
+        """The stacked volumes of a loaded site (loaded with ``size=``, so that they stack)."""
+        return cls(images=site.images().astype(np.float32), labels=site.regions().astype(np.float32),
+                   case_ids=site.case_ids, present=site.present, spacings=[c.spacing for c in site.cases])
+
+
+@dataclass
+class BratsData:
+    """A brain-tumour site split by case into train/val/test :class:`VolumeSet`s."""
+
+    name: str
+    modalities: tuple[str, ...]
+    train: VolumeSet
+    val: VolumeSet
+    test: VolumeSet
+
+
+def load_brats_splits(site_dir: str | Path, size: int, seed: int = 0, name: str | None = None) -> BratsData:
+    """
+    Load a site (:func:`load_brats_site`, every case resized to ``size``^3) and split it by case
+    (:func:`split_brats_site`, seeded).
+
+    Raises:
+        DataValidationError: as :func:`load_brats_site`, fewer than 3 cases, or a site without any modality.
+    """
+    site = load_brats_site(site_dir, size=size, name=name)
+    if not site.modalities:
+        raise DataValidationError(f"site {site.name!r}: no modality of {MODALITIES} in {site_dir}.")
+    parts = split_brats_site(site, seed=seed)
+    return BratsData(site.name, site.modalities, VolumeSet.of(parts.train), VolumeSet.of(parts.val),
+                     VolumeSet.of(parts.test))

@@ -59,6 +59,11 @@ JOBS: dict[str, _Job] = {
                    {"method": "fedavg"}),
     "fedbn": _Job("FedBN baseline (normalization layers stay local)", {"method": "fedbn"}),
     "ditto": _Job("Ditto baseline (personal model with a proximal term to the global one)", {"method": "ditto"}),
+    "fedmepd": _Job("FedMEPD on multi-modal brain MRI with missing modalities (3D volumes of 32^3, regions "
+                    "WT/TC/ET): modality encoders averaged over their owners, partially personalized decoder; the "
+                    "server's training step and anchors need method_args.server_data, the server's own full-modal "
+                    "folder (empty here: without it the job runs without anchors); no HE or secure aggregation",
+                    {"method": "fedmepd", "task": "brats-missing-modality", "volume_size": 32}),
 }
 
 

@@ -289,6 +289,8 @@ class FedMEPDNet(nn.Module):
             decoder[f"upcat_{s}"] = UpCat(3, widths[s], widths[s - 1], widths[s - 1], act, norm, True, drop)
         decoder["head"] = nn.Conv3d(widths[0], int(out_channels), kernel_size=1)
         self.decoder = nn.ModuleDict(decoder)
+        # the modalities a site holds, used when forward/features get no ``present`` (not state: set by the site)
+        self.default_present: tuple[bool, ...] | None = None
 
     # ------------------------------------------------------------------ key naming
     def encoder_keys(self, modality: str) -> list[str]:
@@ -389,9 +391,29 @@ class FedMEPDNet(nn.Module):
             self.anchors.initialized.fill_(True)
 
     # ------------------------------------------------------------------ forward
+    def set_default_present(self, present: Sequence[bool] | None) -> None:
+        """
+        The modalities this site holds, used whenever ``forward``/``features`` get ``present=None`` (so that a
+        generic training loop that calls ``model(x)`` never runs the encoder of a modality the site lacks). None:
+        all present. A plain attribute, not in the state dict.
+
+        Raises:
+            ValueError: not one bool per modality, or none present.
+        """
+        if present is None:
+            self.default_present = None
+            return
+        mask = tuple(bool(p) for p in present)
+        if len(mask) != int(self.in_modalities) or not any(mask):
+            raise ValueError(f"present must give {self.in_modalities} flags with at least one True, got {present!r}.")
+        self.default_present = mask
+
     def _present_mask(self, x: torch.Tensor, present: torch.Tensor | Sequence[bool] | None) -> torch.Tensor:
-        """``present`` as a ``(B, in_modalities)`` bool tensor on ``x``'s device (all present when None)."""
+        """``present`` as a ``(B, in_modalities)`` bool tensor on ``x``'s device (None: :attr:`default_present`, or
+        all present)."""
         b, m = x.shape[0], int(self.in_modalities)
+        if present is None:
+            present = self.default_present
         if present is None:
             return torch.ones(b, m, dtype=torch.bool, device=x.device)
         mask = torch.as_tensor(present, device=x.device)
@@ -427,7 +449,8 @@ class FedMEPDNet(nn.Module):
 
         Args:
             x: ``(B, in_modalities, H, W, D)``; the channels of absent modalities are never read.
-            present: ``(in_modalities,)`` or ``(B, in_modalities)`` bool mask; None: all present.
+            present: ``(in_modalities,)`` or ``(B, in_modalities)`` bool mask; None: :attr:`default_present` (all
+                present unless a site set it).
 
         Returns:
             one ``(B, channels[s], H / 2^s, W / 2^s, D / 2^s)`` tensor per scale.
@@ -460,7 +483,8 @@ class FedMEPDNet(nn.Module):
         Args:
             x: ``(B, in_modalities, H, W, D)`` with ``H, W, D`` divisible by ``2^(len(channels) - 1)``.
             present: which modalities each sample has, ``(in_modalities,)`` or ``(B, in_modalities)`` bool; None:
-                all. An absent modality's channel is not read and its encoder gets no gradient from that sample.
+                :attr:`default_present` (all unless set). An absent modality's channel is not read and its encoder
+                gets no gradient from that sample.
             use_anchors: apply the anchor attention; None (default): iff ``anchor_attention`` and the anchors are
                 set. True with anchors not set raises.
 

@@ -231,10 +231,11 @@ def _all_finite(value: Any) -> bool:
 
 
 def checked_params(params: Any, shapes: Mapping[str, tuple[int, ...]], encrypted: bool,
-                   masked: bool = False) -> dict[str, Any]:
+                   masked: bool = False, partial: bool = False) -> dict[str, Any]:
     """The parameters of one result, checked: a dict of str to dense tensors or arrays of a real dtype; in clear,
     every shared key (``shapes``) present with its shape and finite values (other keys are left for the rule to
-    drop); under HE (``encrypted``) or secure aggregation (``masked``) the rule reads the transport arrays.
+    drop; with ``partial``, a rule that takes some of the shared keys from each site, only the keys sent are
+    checked); under HE (``encrypted``) or secure aggregation (``masked``) the rule reads the transport arrays.
 
     Raises:
         _Malformed: the first problem, naming the key.
@@ -258,7 +259,7 @@ def checked_params(params: Any, shapes: Mapping[str, tuple[int, ...]], encrypted
     if masked:
         pass  # the masked sum reads its one vector (fedoap.privacy.secagg_payload) and rejects anything else
     elif not encrypted:
-        missing = sorted(k for k in shapes if k not in params)
+        missing = [] if partial else sorted(k for k in shapes if k not in params)
         if missing:
             raise _Malformed(f"update lacks {len(missing)} shared parameter(s), e.g. {missing[0]!r}")
     elif shapes and params and not any(k.startswith(HE_KEY_PREFIX) for k in params):
@@ -480,7 +481,8 @@ class RoundIntake:
             entry.update({NUM_SAMPLES_KEY: samples, "steps": steps, AGGREGATION_WEIGHT_KEY: weight})
             entry.update(checked_metrics(getattr(result, "metrics", None)))  # refuses the server's field names
             checked = checked_params(params, rule.shapes, rule.encrypted,
-                                     masked=rule.hides_updates and not rule.encrypted)
+                                     masked=rule.hides_updates and not rule.encrypted,
+                                     partial=rule.partial_updates)
         except _Malformed as err:
             self._reject(rnd, site, entry, f"{site}: {err}")
             return None

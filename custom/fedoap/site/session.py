@@ -96,9 +96,15 @@ def site_data_dirs(data: DataOptions, site: str, workspace_root: str | os.PathLi
     return config.data_dir, unseen
 
 
-def _load_data(config: RunConfig, site: str, workspace: Path) -> tuple[list[SiteData], SiteData, Optional[SliceSet]]:
-    """The pooled sites (the centralized reference; else []), this site's data and the unseen organ's slices."""
+def _load_data(config: RunConfig, site: str, workspace: Path) -> tuple[list[SiteData], Any, Optional[SliceSet]]:
+    """The pooled sites (the centralized reference; else []), this site's data and the unseen organ's slices (the
+    brain-tumour task: the site's volumes, ``fedoap.data.brats.BratsData``, no unseen organ)."""
     size, seed = config.training.image_size, config.training.seed
+    if config.training.volumetric:
+        from fedoap.data.brats import load_brats_splits
+
+        data_dir, _ = site_data_dirs(config.data, site, workspace)
+        return [], load_brats_splits(data_dir, size=config.training.volume_size, seed=seed, name=site), None
     if config.data.pool_sites:  # the centralized reference: this one process reads every site's data
         root = Path(config.data.data_root)
         sites = [load_site(root / s, image_size=size, seed=seed, name=s) for s in config.data.pool_sites]
@@ -134,6 +140,21 @@ def _opacus_refusal(model: Any) -> str:
     return f"its network cannot run DP-SGD (Opacus: {errors[0]})" if errors else ""
 
 
+class VolumeTrainer(LocalTrainer):
+    """The generic trainer on whole 3D volumes with one sigmoid channel per tumour region: only the evaluation
+    differs (Dice and HD95 per case and region, :func:`fedoap.eval.regions.region_scores`)."""
+
+    def evaluate(self, split: Any) -> Any:
+        from fedoap.eval.regions import region_scores
+
+        return region_scores(self.predict(split.images), split.labels, split.spacings)
+
+
+def _summary(scores: Any) -> dict[str, Any]:
+    """The means of a split's scores, per-image (2D) or per-region (3D) alike: at least ``dice`` and ``hd95``."""
+    return scores.summary() if hasattr(scores, "summary") else summarize(scores)
+
+
 class SiteSession:
     """One site's state for one job (see the module docstring).
 
@@ -158,7 +179,9 @@ class SiteSession:
                                                  dp_lr=config.privacy.dp_sgd_lr or None)
         dp = config.privacy.dp_sgd(total_epochs=config.training.rounds * config.training.local_epochs)
         model = config.build_model()  # seeded as the server's initial checkpoint: local parts start identical
-        self.trainer = LocalTrainer(model, self.method, self.data.train, self.data.val, self.train_config, dp=dp)
+        self.trainer_class = VolumeTrainer if config.training.volumetric else LocalTrainer
+        self.trainer = self.trainer_class(model, self.method, self.data.train, self.data.val, self.train_config,
+                                          dp=dp)
         self.privacy: Optional[SitePrivacy] = None  # built with the first task, which carries the site's DP policy
         self.out_dir = make_private_dir(self.workspace / job_id / SITE_RESULTS_DIR)
         self.job_id = job_id
@@ -187,7 +210,7 @@ class SiteSession:
         meta = dict(meta or {})
         if self.privacy is None:
             self.privacy = self._site_privacy(policy_from_meta(meta), budget_from_meta(meta))
-            self.privacy.expect(self.trainer.shared_params())  # a broadcast of other keys or shapes is refused
+            self.privacy.expect(self._broadcast_set())  # a broadcast of other keys or shapes is refused
         if self._resume_pending:  # before the server's parameters are loaded: they replace the saved shared ones
             if current_round is None:
                 logger.warning("site %s: the first task of a resumed job has no round; starts fresh", self.site)
@@ -301,10 +324,10 @@ class SiteSession:
         trainer, data = self.trainer, self.data
         exchange = self._round_exchange(task_meta, rnd)  # refused before training: nothing is trained for nothing
         stats = trainer.train_round()
-        val = summarize(trainer.evaluate(data.val))
+        val = _summary(trainer.evaluate(data.val))
         # the round's model on the test split too: FL-MedSegBench's protocol score is the test Dice at the best
         # validation round (aggregate numbers only, like val Dice)
-        test = summarize(trainer.evaluate(data.test))
+        test = _summary(trainer.evaluate(data.test))
         per_site = {}
         for d in self.pooled:  # centralized reference: the pooled model's scores on each site's splits
             per_site.update({f"val_dice/{d.name}": summarize(trainer.evaluate(d.val))["dice"],
@@ -324,6 +347,7 @@ class SiteSession:
         metrics = {"train_loss": stats["train_loss"], "val_dice": val["dice"], "test_dice": test["dice"],
                    "test_hd95": test["hd95"], "images_per_s": stats["images_per_s"],
                    "train_seconds": stats["train_seconds"], **per_site}
+        metrics.update({f"test_{k}": v for k, v in test.items() if k.startswith(("dice_", "hd95_"))})
         budget = budget_from_meta(task_meta) or {}  # the site's privacy ledger, before this round's release
         budget_left = {f"dp_budget_left/{unit}": state["left"] for unit, state in budget.items()
                        if isinstance(state, dict)}
@@ -452,6 +476,8 @@ class SiteSession:
     def personalize(self) -> dict[str, Any]:
         """Fine-tune, evaluate and write the site's detailed results; the metrics sent to the server (the centralized
         reference: every pooled site fine-tunes its own copy, metrics ``<name>/<site>`` and their means)."""
+        if self.config.training.volumetric:
+            return self._personalize_regions(self.trainer, self.data, self.out_dir)
         if not self.pooled:
             return self._personalize(self.trainer, self.data, self.out_dir)
         metrics: dict[str, Any] = {}
@@ -465,6 +491,45 @@ class SiteSession:
         return metrics
 
     # -- helpers -------------------------------------------------------------------------------------------------------
+    def _broadcast_set(self) -> dict[str, Any]:
+        """The site's shared keys at their current values: what the server broadcasts (a method may send only part
+        of it, e.g. FedMEPD the encoders of the modalities the site holds)."""
+        state = self.trainer.model.state_dict()
+        return {k: state[k].detach().cpu() for k in self.trainer.shared_keys}
+
+    def _personalize_regions(self, trainer: LocalTrainer, data: Any, out_dir: Path) -> dict[str, Any]:
+        """The brain-tumour task's personalization: fine-tune (best epoch on the validation split by mean region
+        Dice), then Dice and HD95 per region and case on the test split."""
+        from fedoap.eval.regions import REGION_NAMES, REGION_RULE, region_scores
+
+        finetune = trainer.finetune()
+        pred = trainer.predict(data.test.images)
+        scores = region_scores(pred, data.test.labels, data.test.spacings)
+        test = scores.summary()
+        metrics: dict[str, Any] = {
+            "organ": "brain",
+            "test_dice": test["dice"], "test_hd95": test["hd95"], "n_test": test["n_cases"],
+            "best_finetune_epoch": finetune["best_epoch"], "best_val_dice": finetune["best_val_dice"],
+            "val_dice": finetune["best_val_dice"],
+            **{f"test_{k}_{r}": test[f"{k}_{r}"] for r in REGION_NAMES for k in ("dice", "hd95")},
+        }
+        personal = getattr(self.method, "personal_filters", None)
+        if callable(personal):
+            metrics["personal_filters"] = int(sum(personal().values()))
+        detail = {"site": data.name, "modalities": list(data.modalities), "region_rule": REGION_RULE,
+                  "finetune": finetune, "test": test, "test_case_ids": data.test.case_ids, "test_per_case_dice": scores.dice.tolist(),
+                  "test_per_case_hd95": scores.hd95.tolist()}
+        mid = data.test.images.shape[-1] // 2  # the middle axial slice of up to N_OVERLAYS test cases
+        channel = int(np.flatnonzero(data.test.present)[0])
+        n = min(N_OVERLAYS, len(data.test))
+        write_site_outputs(out_dir, state_dict=trainer.model.state_dict(),
+                           overlays={"image": data.test.images[:n, channel, ..., mid],
+                                     "label": data.test.labels[:n, 0, ..., mid],
+                                     "pred": pred[:n, 0, ..., mid].numpy()},
+                           detail={**detail, "metrics": metrics}, key=self.at_rest_key,
+                           model_metadata={"method": self.config.method.name, "task": self.config.training.task})
+        return metrics
+
     def _personalize(self, trainer: LocalTrainer, data: SiteData, out_dir: Path) -> dict[str, Any]:
         finetune = trainer.finetune()
         test_pred = trainer.predict(data.test.images)  # once: the per-slice and the per-volume scores share it
@@ -598,8 +663,8 @@ class SiteSession:
             # the planned sigma: calibrated for this site's rate and the job's steps, as DPSGD would calibrate it
             dp = replace(base, noise_multiplier=mechanism.noise_multiplier, target_epsilon=None,
                          delta=min(float(budget.delta), base.delta), unit=mechanism.unit)
-            self.trainer = LocalTrainer(self.config.build_model(), self.method, self.data.train, self.data.val,
-                                        self.train_config, dp=dp)
+            self.trainer = self.trainer_class(self.config.build_model(), self.method, self.data.train,
+                                              self.data.val, self.train_config, dp=dp)
         return None
 
     def _dp_sgd_meets(self, budget: DPBudget, mechanism: Any) -> bool:

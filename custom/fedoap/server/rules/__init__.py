@@ -20,23 +20,25 @@ from fedoap.checks import is_finite_number
 from fedoap.server.rules.base import REFERENCES, ServerRule, UpdateRejected
 from fedoap.server.rules.encrypted_sum import EncryptedSum
 from fedoap.server.rules.fedawa import FedAWARule
+from fedoap.server.rules.fedmepd import FedMEPDServerRule
 from fedoap.server.rules.fedlws import FedLWSRule
 from fedoap.server.rules.fednova import FedNovaRule
 from fedoap.server.rules.masked_sum import MaskedSum
 from fedoap.server.rules.median import CoordinateMedian
 from fedoap.server.rules.none import NoAggregation
+from fedoap.server.rules.owner_mean import OwnerMean
 from fedoap.server.rules.norm_bound import NormBounded
 from fedoap.server.rules.trimmed_mean import TrimmedMean
 from fedoap.server.rules.weighted_mean import WeightedMean
 
 __all__ = ["ServerRule", "UpdateRejected", "REFERENCES", "WeightedMean", "FedNovaRule", "FedAWARule", "FedLWSRule",
-           "NoAggregation", "EncryptedSum", "MaskedSum", "CoordinateMedian", "TrimmedMean", "NormBounded", "RULES", "ROBUST_RULES",
-           "check_rule", "check_robustness", "rule_for_job"]
+           "NoAggregation", "OwnerMean", "FedMEPDServerRule", "EncryptedSum", "MaskedSum", "CoordinateMedian",
+           "TrimmedMean", "NormBounded", "RULES", "ROBUST_RULES", "check_rule", "check_robustness", "rule_for_job"]
 
 #: every rule a method can name (the encrypted and masked sums are not named: they serve a linear rule under HE or
 #: secure aggregation)
 RULES: tuple[type[ServerRule], ...] = (WeightedMean, FedNovaRule, FedAWARule, FedLWSRule, NoAggregation,
-                                       CoordinateMedian, TrimmedMean)
+                                       CoordinateMedian, TrimmedMean, OwnerMean, FedMEPDServerRule)
 #: the robust rules a job may put in place of the weighted mean, by name ("" keeps the method's rule)
 ROBUST_RULES: dict[str, type[ServerRule]] = {CoordinateMedian.name: CoordinateMedian, TrimmedMean.name: TrimmedMean}
 

@@ -55,6 +55,8 @@ class ServerRule(ABC):
             check its layout, never its values, and cannot clip its weight (it is inside the update).
         uses_steps: :meth:`add` computes with the step count (FedNova), so the workflow must bound the claimed steps
             before the rule sees them.
+        partial_updates: a site may send only some of the shared keys (FedMEPD: the encoders of the modalities it
+            has); the workflow then checks the keys sent, and the rule decides what a key nobody sent becomes.
 
     Args:
         reference: the global shared parameters the job starts from (by state-dict key).
@@ -71,6 +73,7 @@ class ServerRule(ABC):
     encrypted: ClassVar[bool] = False
     hides_updates: ClassVar[bool] = False
     uses_steps: ClassVar[bool] = False
+    partial_updates: ClassVar[bool] = False
 
     def __init__(self, reference: Mapping[str, object]) -> None:
         if self.shares and not reference:
