@@ -17,8 +17,6 @@ from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
-from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from fedoap.config import TrainingOptions
@@ -232,6 +230,10 @@ class LocalTrainer:
     def _plain_model(self) -> nn.Module:
         """The site's network itself: Opacus's hooks are attached in place (``wrap_model=False``), but a
         ``GradSampleModule`` wrapper, were there one, would prefix every state-dict key with ``_module.``."""
+        if self.dp is None:  # Opacus is loaded only under DP-SGD
+            return self.model
+        from opacus import GradSampleModule
+
         return self.model._module if isinstance(self.model, GradSampleModule) else self.model
 
     def state(self) -> dict[str, Any]:
@@ -279,8 +281,11 @@ class LocalTrainer:
     def _index_batches(self, optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
         """Shuffled minibatches from the seeded generator; under DP-SGD, Poisson-sampled ones (slices or cases) from
         the OS's randomness, at the rate the accountant was told."""
-        if self.dp is not None and isinstance(optimizer, DPOptimizer):
-            return self.dp.batches(optimizer)
+        if self.dp is not None:
+            from opacus.optimizers import DPOptimizer
+
+            if isinstance(optimizer, DPOptimizer):
+                return self.dp.batches(optimizer)
         n, b = len(self.train_set), self.config.batch_size
         order = torch.randperm(n, generator=self.generator)
         return (order[start : start + b] for start in range(0, n, b))

@@ -13,7 +13,6 @@ from typing import Any, Iterable, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from fedoap.losses.segmentation import set_dice_reduction
 from fedoap.server.rules import ServerRule, WeightedMean
 
 __all__ = ["FederatedMethod"]
@@ -53,6 +52,8 @@ class FederatedMethod(ABC):
 
     def apply_loss_options(self, loss: nn.Module) -> nn.Module:
         """``loss`` with this method's :attr:`dice_reduction` set on every ``BCEDiceLoss`` inside it (in place)."""
+        from fedoap.losses.segmentation import set_dice_reduction  # MONAI: only where a loss is built (not the server)
+
         set_dice_reduction(loss, self.dice_reduction)
         return loss
 

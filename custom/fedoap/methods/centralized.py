@@ -19,14 +19,16 @@ site's images is exactly what a real federation forbids: it exists for the compa
 from __future__ import annotations
 
 import copy
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 from torch import nn
 
-from fedoap.data import SiteData, SliceSet
 from fedoap.methods.fedavg import FedAvg
 from fedoap.server.rules import NoAggregation
+
+if TYPE_CHECKING:  # the data package (MONAI) only where sites are pooled, never on the server
+    from fedoap.data import SiteData, SliceSet
 
 __all__ = ["Centralized", "POOLED_SITE", "pool_sites", "unpool_history"]
 
@@ -35,6 +37,8 @@ POOLED_SITE = "pooled"
 
 
 def _concat(parts: Sequence[tuple[str, SliceSet]]) -> SliceSet:
+    from fedoap.data import SliceSet
+
     return SliceSet(images=np.concatenate([s.images for _, s in parts]),
                     labels=np.concatenate([s.labels for _, s in parts]),
                     case_ids=[f"{site}/{c}" for site, s in parts for c in s.case_ids])
@@ -43,6 +47,8 @@ def _concat(parts: Sequence[tuple[str, SliceSet]]) -> SliceSet:
 def pool_sites(sites: Sequence[SiteData]) -> SiteData:
     """The pooled site's data: every site's train, validation and test splits, each the union of the sites' splits
     of the same name (the per-site splits are unchanged, so every method is tested on the same slices)."""
+    from fedoap.data import SiteData
+
     return SiteData(name=POOLED_SITE, organ="+".join(d.organ for d in sites),
                     modality="+".join(d.modality for d in sites),
                     train=_concat([(d.name, d.train) for d in sites]),

@@ -39,7 +39,6 @@ import torch
 from torch import Tensor, nn
 
 from fedoap.methods.fedavg import FedAvg
-from fedoap.networks.ditto_pair import PERSONAL_INITS, DittoPair
 
 __all__ = ["Ditto", "GLOBAL_PREFIX", "PERSONAL_PREFIX"]
 
@@ -66,6 +65,8 @@ class Ditto(FedAvg):
     def __init__(self, lam: float = 1e-3, personal_init: str = "copy") -> None:
         if not isinstance(lam, numbers.Real) or isinstance(lam, bool) or not math.isfinite(lam) or lam < 0:
             raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+        from fedoap.networks.ditto_pair import PERSONAL_INITS
+
         if personal_init not in PERSONAL_INITS:
             raise ValueError(f"personal_init must be one of {PERSONAL_INITS}, got {personal_init!r}")
         self.lam = lam
@@ -74,7 +75,7 @@ class Ditto(FedAvg):
         self._started = False
 
     def model_spec(self, model_args: dict[str, Any]) -> dict[str, Any]:
-        return {"class_path": f"{DittoPair.__module__}.{DittoPair.__name__}",
+        return {"class_path": "fedoap.networks.ditto_pair.DittoPair",
                 "args": {**model_args, "personal_init": self.personal_init}}
 
     def shared_keys(self, model: nn.Module) -> list[str]:
@@ -120,6 +121,8 @@ class Ditto(FedAvg):
 
     def step_loss(self, model: nn.Module, images: Tensor, labels: Tensor, loss_fn: nn.Module) -> Tensor:
         """``L(global_model(x)) + L(personal(x)) + lam/2 ||v - w_g||^2``."""
+        from fedoap.networks.ditto_pair import DittoPair
+
         if not isinstance(model, DittoPair):
             raise ValueError(f"Ditto trains a DittoPair (global copy and personal model), got {type(model).__name__}")
         loss = loss_fn(model.global_model(images), labels) + loss_fn(model.personal(images), labels)

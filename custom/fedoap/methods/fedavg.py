@@ -12,12 +12,13 @@ from typing import Any
 
 from torch import nn
 
-from fedoap.losses import BCEDiceLoss
 from fedoap.methods.base import FederatedMethod
-from fedoap.networks import FedOAPNet
 from fedoap.server.rules import WeightedMean
 
-__all__ = ["FedAvg"]
+__all__ = ["FedAvg", "FEDOAP_NET"]
+
+#: the backbone every baseline trains (a class path: the server, which builds no network, never imports MONAI)
+FEDOAP_NET = "fedoap.networks.fedoap_net.FedOAPNet"
 
 
 class FedAvg(FederatedMethod):
@@ -27,10 +28,12 @@ class FedAvg(FederatedMethod):
     server_rule = WeightedMean
 
     def model_spec(self, model_args: dict[str, Any]) -> dict[str, Any]:
-        return {"class_path": f"{FedOAPNet.__module__}.{FedOAPNet.__name__}", "args": dict(model_args)}
+        return {"class_path": FEDOAP_NET, "args": dict(model_args)}
 
     def shared_keys(self, model: nn.Module) -> list[str]:
         return sorted(model.state_dict())
 
     def train_loss(self) -> nn.Module:
+        from fedoap.losses import BCEDiceLoss
+
         return BCEDiceLoss()

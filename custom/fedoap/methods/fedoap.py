@@ -15,9 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fedoap.losses import BCEDiceLoss, PerturbedBoundaryLoss
 from fedoap.methods.base import FederatedMethod
-from fedoap.networks import FedOAPNet
+from fedoap.methods.fedavg import FEDOAP_NET
 from fedoap.server.rules import WeightedMean
 
 __all__ = ["FedOAP"]
@@ -93,19 +92,25 @@ class FedOAP(FederatedMethod):
         self._warm_started = False
 
     def model_spec(self, model_args: dict[str, Any]) -> dict[str, Any]:
-        return {"class_path": f"{FedOAPNet.__module__}.{FedOAPNet.__name__}",
+        return {"class_path": FEDOAP_NET,
                 "args": {**model_args, "partition": self.partition, "use_cross_attention": self.cross_attention,
                          "use_adapter": self.adapter}}
 
     def shared_keys(self, model: nn.Module) -> list[str]:
+        from fedoap.networks import FedOAPNet
+
         if not isinstance(model, FedOAPNet):
             raise TypeError(f"FedOAP needs a FedOAPNet, got {type(model).__name__}")
         return list(model.shared_keys)
 
     def train_loss(self) -> nn.Module:
+        from fedoap.losses import BCEDiceLoss
+
         return BCEDiceLoss()
 
     def finetune_loss(self) -> nn.Module:
+        from fedoap.losses import BCEDiceLoss, PerturbedBoundaryLoss
+
         if not self.use_pbl:
             return BCEDiceLoss()
         return PerturbedBoundaryLoss(

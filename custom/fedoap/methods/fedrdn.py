@@ -43,7 +43,6 @@ import torch
 from torch import Tensor, nn
 
 from fedoap.methods.fedavg import FedAvg
-from fedoap.networks.site_normalized_net import INPUT_STATISTICS_KEYS, SiteNormalizedNet
 
 __all__ = ["FedRDN"]
 
@@ -79,10 +78,12 @@ class FedRDN(FedAvg):
         self._stds: Optional[Tensor] = None
 
     def model_spec(self, model_args: dict[str, Any]) -> dict[str, Any]:
-        return {"class_path": f"{SiteNormalizedNet.__module__}.{SiteNormalizedNet.__name__}", "args": dict(model_args)}
+        return {"class_path": "fedoap.networks.site_normalized_net.SiteNormalizedNet", "args": dict(model_args)}
 
     def shared_keys(self, model: nn.Module) -> list[str]:
         """Every key but the site's own input statistics."""
+        from fedoap.networks.site_normalized_net import INPUT_STATISTICS_KEYS
+
         return sorted(k for k in model.state_dict() if k not in INPUT_STATISTICS_KEYS)
 
     def site_statistics(self, train: Any) -> dict[str, list[float]]:

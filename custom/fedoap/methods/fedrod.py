@@ -41,7 +41,6 @@ from typing import Any, Mapping, Optional
 from torch import Tensor, nn
 
 from fedoap.methods.fedavg import FedAvg
-from fedoap.networks.fedrod_net import PERSONAL_INITS, FedRoDNet
 
 __all__ = ["FedRoD", "GENERIC_LOSSES", "balanced_logits", "PERSONAL_PREFIX"]
 
@@ -74,6 +73,8 @@ class FedRoD(FedAvg):
     def __init__(self, generic_loss: str = "plain", personal_init: str = "copy") -> None:
         if generic_loss not in GENERIC_LOSSES:
             raise ValueError(f"generic_loss must be one of {GENERIC_LOSSES}, got {generic_loss!r}")
+        from fedoap.networks.fedrod_net import PERSONAL_INITS
+
         if personal_init not in PERSONAL_INITS:
             raise ValueError(f"personal_init must be one of {PERSONAL_INITS}, got {personal_init!r}")
         self.generic_loss = generic_loss
@@ -82,7 +83,7 @@ class FedRoD(FedAvg):
         self.pixel_counts = [0.0, 0.0]
 
     def model_spec(self, model_args: dict[str, Any]) -> dict[str, Any]:
-        return {"class_path": f"{FedRoDNet.__module__}.{FedRoDNet.__name__}",
+        return {"class_path": "fedoap.networks.fedrod_net.FedRoDNet",
                 "args": {**model_args, "personal_init": self.personal_init}}
 
     def shared_keys(self, model: nn.Module) -> list[str]:
@@ -111,6 +112,8 @@ class FedRoD(FedAvg):
 
     def step_loss(self, model: nn.Module, images: Tensor, labels: Tensor, loss_fn: nn.Module) -> Tensor:
         """``L_generic(g) + L_personal(g.detach() + p)``."""
+        from fedoap.networks.fedrod_net import FedRoDNet
+
         if not isinstance(model, FedRoDNet):
             raise ValueError(f"FedRoD trains a FedRoDNet (generic and personal head), got {type(model).__name__}")
         generic, personal = model.generic_and_personal(images)

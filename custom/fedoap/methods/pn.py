@@ -33,7 +33,6 @@ from __future__ import annotations
 from typing import Any
 
 from fedoap.methods.fedavg import FedAvg
-from fedoap.networks.norm_variants import CONV_INITS, PopulationNormFedOAPNet
 
 __all__ = ["PN"]
 
@@ -53,10 +52,12 @@ class PN(FedAvg):
     name = "pn"
 
     def __init__(self, conv_init: str = "he") -> None:
+        from fedoap.networks.norm_variants import CONV_INITS
+
         if conv_init not in CONV_INITS:
             raise ValueError(f"conv_init must be one of {CONV_INITS}, got {conv_init!r}")
         self.conv_init = conv_init
 
     def model_spec(self, model_args: dict[str, Any]) -> dict[str, Any]:
-        return {"class_path": f"{PopulationNormFedOAPNet.__module__}.{PopulationNormFedOAPNet.__name__}",
+        return {"class_path": "fedoap.networks.norm_variants.PopulationNormFedOAPNet",
                 "args": {**model_args, "conv_init": self.conv_init}}

@@ -26,7 +26,6 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fedoap.methods.fedavg import FedAvg
-from fedoap.networks.norm_variants import BatchNormFedOAPNet
 
 __all__ = ["SioBN", "batch_norm_statistics_keys"]
 
@@ -48,7 +47,7 @@ class SioBN(FedAvg):
     name = "siobn"
 
     def model_spec(self, model_args: dict[str, Any]) -> dict[str, Any]:
-        return {"class_path": f"{BatchNormFedOAPNet.__module__}.{BatchNormFedOAPNet.__name__}",
+        return {"class_path": "fedoap.networks.norm_variants.BatchNormFedOAPNet",
                 "args": dict(model_args)}
 
     def shared_keys(self, model: nn.Module) -> list[str]:

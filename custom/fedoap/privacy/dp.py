@@ -38,23 +38,21 @@ import os
 import secrets
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from opacus import PrivacyEngine
-from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis import rdp as _rdp
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.optimizers import DPOptimizer
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
-
 from fedoap.losses import BCEDiceLoss, PerturbedBoundaryLoss
 from fedoap.privacy.secure_random import os_seeded_generator, reseed, secure_normal
 from fedoap.checks import is_finite_number as _is_real
+
+# Opacus (1.3 s to import: it pulls torch.distributed's tensor machinery) is imported where DP runs, not where this
+# module's configurations are read: a site or server that trains without DP never loads it.
+if TYPE_CHECKING:
+    from opacus.optimizers import DPOptimizer
 
 __all__ = [
     "UpdateDPConfig",
@@ -64,7 +62,6 @@ __all__ = [
     "noise_for_epsilon",
     "DPSGDConfig",
     "DPSGD",
-    "SecureNoiseDPOptimizer",
     "group_epsilon",
     "per_sample_loss",
 ]
@@ -106,6 +103,8 @@ def _calibrate(**kwargs: Any) -> float:
     candidate noise levels it rejects on the way."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        from opacus.accountants.utils import get_noise_multiplier
+
         return float(get_noise_multiplier(**kwargs))
 
 
@@ -234,6 +233,8 @@ class UpdateDPAccountant:
         _check_sample_rate(sample_rate)
         self.noise_multiplier = noise_multiplier
         self.sample_rate = sample_rate
+        from opacus.accountants import RDPAccountant
+
         self.accountant = RDPAccountant()
 
     def step(self) -> None:
@@ -427,42 +428,6 @@ class DPSGDConfig:
             raise ValueError(f"noise_source must be one of {_NOISE_SOURCES}, got {self.noise_source!r}.")
 
 
-class SecureNoiseDPOptimizer(DPOptimizer):
-    """Opacus's ``DPOptimizer`` with its Gaussian noise drawn by :func:`~fedoap.privacy.secure_random.secure_normal`.
-
-    Why an override and not a generator: in Opacus 1.6 ``DPOptimizer.add_noise`` draws every parameter's noise with
-    the module function ``_generate_noise(std, reference, generator, secure_mode)``, i.e. ``torch.normal`` from a
-    ``torch.Generator`` (Mersenne Twister on the CPU, Philox on CUDA). Its ``secure_mode`` (discard one draw, sum four
-    normals, halve: the floating-point fix of Holohan and Braghin 2021 against Mironov's 2012 attack) is only as
-    unpredictable as the generator handed to it, which ``PrivacyEngine`` takes from ``torchcsprng``; that package
-    cannot be installed here. Overriding ``add_noise`` (the only method that touches randomness; same processed-flag
-    checks, same ``p.grad = summed_grad + noise``) keeps Opacus's clipping, scaling, accounting hook and
-    grad-accumulation guards unchanged and swaps only the source: a ChaCha20 stream keyed with 256 fresh OS bits per
-    parameter tensor and step, never stored, four-normal sum included. Its cost is that of the CPU stream, about
-    0.14 microseconds per parameter per step on one core, 25 times ``torch.randn``: ``fedoap bench privacy`` on two
-    busy cores measured 18.5 images/s against 33.7 with ``"os_seeded"`` (3.1 M parameters, 32 x 32, batch 16; the
-    share falls as the per-sample work grows with the image size and batch). On a GPU the CPU draw and its transfer
-    would dominate a step, which is what ``noise_source="os_seeded"`` is for.
-
-    Args: those of ``DPOptimizer`` except ``generator`` and ``secure_mode`` (there is nothing to seed).
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm: float,
-                 expected_batch_size: int, loss_reduction: str = "mean") -> None:
-        super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                         expected_batch_size=expected_batch_size, loss_reduction=loss_reduction)
-
-    def add_noise(self) -> None:
-        """Adds ``N(0, (sigma * C)^2)`` noise from the secure stream to the clipped sums; result in ``p.grad``."""
-        std = float(self.noise_multiplier) * float(self.max_grad_norm)
-        for p in self.params:
-            _check_processed_flag(p.summed_grad)
-            summed = p.summed_grad
-            noise = secure_normal(summed.shape, std, dtype=summed.dtype).to(summed.device, non_blocking=True)
-            p.grad = (summed + noise).view_as(p)
-            _mark_as_processed(p.summed_grad)
-
-
 def _poisson_mask(n: int, rate: float) -> torch.Tensor:
     """``n`` independent Bernoulli(``rate``) draws straight from the OS's CSPRNG (``os.urandom``): a unit is in when
     its 64-bit word is below ``rate * 2**64`` (exact for ``rate >= 2**-11``, off by under ``2**-64`` below). There is
@@ -496,6 +461,9 @@ def group_epsilon(history: list[tuple[float, float, int]], group_size: int, delt
         return 0.0
     if any(s == 0.0 for s, _, _ in history):
         return math.inf
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as _rdp
+
     orders = RDPAccountant.DEFAULT_ALPHAS
     rdp = sum(np.asarray(_rdp.compute_rdp(q=q, noise_multiplier=s, steps=n, orders=orders)) for s, q, n in history)
     k = int(group_size)
@@ -620,6 +588,8 @@ class DPSGD:
             )
         with warnings.catch_warnings():  # Opacus warns that torchcsprng is off: our randomness does not use it
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            from opacus import PrivacyEngine
+
             self.engine = PrivacyEngine(accountant=config.accountant, secure_mode=False)
         self._hooks: Any = None
         self._model: nn.Module | None = None
@@ -680,6 +650,10 @@ class DPSGD:
     def _private(self, optimizer: torch.optim.Optimizer) -> DPOptimizer:
         settings = dict(noise_multiplier=self.noise_multiplier, max_grad_norm=float(self.config.max_grad_norm),
                         expected_batch_size=self.expected_batch_size, loss_reduction="mean")
+        from opacus.optimizers import DPOptimizer
+
+        from fedoap.privacy.dp_optimizer import SecureNoiseDPOptimizer
+
         if self._noise_generator is None:
             dp_optimizer: DPOptimizer = SecureNoiseDPOptimizer(optimizer, **settings)
         else:  # Opacus's secure_mode noise path (four normals) on our OS-seeded generator
@@ -805,3 +779,13 @@ class DPSGD:
     def _require_private(self) -> None:
         if self._hooks is None:
             raise RuntimeError("call make_private(model, optimizer) first.")
+
+
+def __getattr__(name: str) -> Any:
+    """``SecureNoiseDPOptimizer`` lives in :mod:`fedoap.privacy.dp_optimizer` (it subclasses Opacus's optimizer, so
+    defining it loads Opacus); it is still importable from here."""
+    if name == "SecureNoiseDPOptimizer":
+        from fedoap.privacy.dp_optimizer import SecureNoiseDPOptimizer
+
+        return SecureNoiseDPOptimizer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -41,8 +41,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
-from opacus.accountants import RDPAccountant
-
 from fedoap.files import PRIVATE_FILE_MODE, write_atomic
 from fedoap.checks import is_finite_number as _is_real
 
@@ -180,6 +178,8 @@ def epsilon_of(releases: Sequence[Release], delta: float) -> float:
     for r in releases:  # RDP adds up, in any order: one history entry per mechanism keeps a long ledger cheap
         key = (float(r.noise_multiplier), float(r.sample_rate))
         steps[key] = steps.get(key, 0) + int(r.steps)
+    from opacus.accountants import RDPAccountant  # loaded where an epsilon is computed, not by every importer
+
     accountant = RDPAccountant()
     accountant.history = [(sigma, q, k) for (sigma, q), k in steps.items()]
     with warnings.catch_warnings():  # large epsilons make the best order the largest one; the bound still holds
