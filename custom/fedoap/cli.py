@@ -21,6 +21,7 @@
     fedoap evaluate --model MODEL --data DIR [--out DIR]                        per-case 3D Dice/HD95 on labelled cases
     fedoap export-bundle --model MODEL --out DIR                                the model as a MONAI bundle
     fedoap bench predict [--out DIR]                                            predict's volumes/s vs a plain MONAI loop
+    fedoap bench overhead [--preset fast] [--repeats 2] [--out DIR]             a run's wall time by phase vs its training
 
 The run options (training, method, privacy, the simulated federation) are generated from ``fedoap.config``, where
 each is declared once; presets (export-jobs, bench) only change defaults. Every bad option is one line and exit
@@ -161,6 +162,16 @@ def _bench_options(p: argparse.ArgumentParser) -> None:
     from fedoap.bench_predict import add_options as add_predict_options  # light: imports no torch
 
     add_predict_options(pred)
+    over = bench_sub.add_parser("overhead", help="where a benchmark run's wall time goes (start-up, training and "
+                                                 "evaluation, hand-offs, teardown), the simulator ended promptly and "
+                                                 "by NVFlare side by side")
+    over.add_argument("--out", default="runs/bench_overhead")
+    over.add_argument("--preset", default="fast", help="the benchmark preset of the run (default fast)")
+    over.add_argument("--method", default="fedavg", help="the method of the run (default fedavg)")
+    over.add_argument("--seed", type=int, default=0)
+    over.add_argument("--repeats", type=int, default=2, help="runs per ending, interleaved (default 2)")
+    over.add_argument("--endings", type=_csv, default=("prompt", "nvflare"),
+                      help="comma-separated subset of prompt,nvflare (default both)")
     add_options(dp, PrivacyOptions, only=("dp_delta",), preset=True)
     add_options(dp, TrainingOptions, exclude=("seed",), preset=True,
                 title="Training (overrides of fedoap simulate's defaults)")
@@ -393,6 +404,16 @@ def _bench(args: argparse.Namespace) -> None:
         from fedoap.bench_predict import run as bench_predict
 
         bench_predict(args)
+    elif args.bench == "overhead":
+        from fedoap.bench_overhead import ENDINGS, bench_overhead
+        from fedoap.benchmark import _parse_methods, resolve_settings
+
+        resolve_settings(args.preset)  # every option checked before anything starts
+        _parse_methods([args.method])
+        if args.repeats < 1 or not args.endings or set(args.endings) - set(ENDINGS):
+            raise ValueError(f"--repeats must be >= 1 and --endings a subset of {','.join(ENDINGS)}")
+        bench_overhead(_writable(args.out), preset=args.preset, method=args.method, seed=args.seed,
+                       repeats=args.repeats, endings=args.endings)
     else:
         training, privacy = from_namespace(TrainingOptions, args), from_namespace(PrivacyOptions, args)
         out = _writable(args.out)
