@@ -132,16 +132,17 @@ def _resolve(base: Mapping[str, Any], overrides: Optional[Mapping[str, Any]]) ->
 
 
 #: FedOAP's ablations, selectable in ``--methods`` next to the registered methods: name -> (method, its arguments).
-#: Each removes one part of FedOAP (design notes, section 2) and keeps everything else; ``fedoap-head-prior`` adds the
-#: stall fix instead, so that a table shows FedOAP with and without it.
+#: Each removes one part of FedOAP (design notes, section 2) and keeps everything else; ``fedoap-no-head-prior`` is
+#: the authors' FedOAP (the stall fix off: its default is on except under DP-SGD) and ``fedoap-head-prior`` the fix
+#: forced on, so that a table shows FedOAP with and without it.
 ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "fedoap-no-dca": ("fedoap", {"cross_attention": False}),  # plain shared UNet bottleneck, no local query
     "fedoap-no-adapter": ("fedoap", {"adapter": False}),  # no local spatial adapter
     "fedoap-no-pbl": ("fedoap", {"use_pbl": False}),  # fine-tuning with the plain loss
     "fedoap-kv-only": ("fedoap", {"partition": "kv_only"}),  # only the key/value branch shared
     "fedoap-bare": ("fedoap", {"cross_attention": False, "adapter": False, "use_pbl": False}),  # all three removed
-    # not a removal: FedOAP with the stall fix (the local head's bias at the site's tumour prior), beside the default
-    "fedoap-head-prior": ("fedoap", {"head_prior_init": True}),
+    "fedoap-no-head-prior": ("fedoap", {"head_prior_init": False}),  # the authors' FedOAP: no stall fix
+    "fedoap-head-prior": ("fedoap", {"head_prior_init": True}),  # the stall fix forced on
 }
 
 

@@ -624,12 +624,14 @@ class RunConfig:
             if not isinstance(getattr(self, name), cls):
                 raise ValueError(f"{name} must be {cls.__name__}, got {type(getattr(self, name)).__name__}")
         method = self.method.instance
-        if getattr(method, "dice_reduction", "batch") != self.training.dice_reduction:
-            # the method object carries the run's loss options to its losses; a method object shared with another
-            # configuration is never changed: this configuration gets its own
+        if (getattr(method, "dice_reduction", "batch"), getattr(method, "dp_sgd", False)) != \
+                (self.training.dice_reduction, self.privacy.dp_sgd_on):
+            # the method object carries the run's loss options to its losses and knows whether the run is under
+            # DP-SGD; a method object shared with another configuration is never changed: this one gets its own
             object.__setattr__(self, "method", replace(self.method))
             method = self.method.instance
             method.dice_reduction = self.training.dice_reduction
+            method.dp_sgd = self.privacy.dp_sgd_on
         privacy, name = self.privacy, self.method.name
         from fedoap.methods import VOLUME_METHODS
 

@@ -43,6 +43,10 @@ class FederatedMethod(ABC):
     #: ``--dice-reduction`` (``TrainingOptions.dice_reduction``) sets it on the method object; every loss returned by
     #: :meth:`train_loss` and :meth:`finetune_loss` (of any subclass) then gets it, so a method does nothing for it.
     dice_reduction: str = "batch"
+    #: whether the run trains under sample-level DP-SGD, set on the method object by the run configuration like
+    #: :attr:`dice_reduction`; a method whose default depends on it reads it (FedOAP's head prior: on by default,
+    #: off under DP-SGD)
+    dp_sgd: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -41,8 +41,10 @@ class FedOAP(FederatedMethod):
             query_branch.*``, ``dca.to_k.* -> dca.to_q.*``), so that the local query path starts from the same
             features as the shared one instead of an independent random initialization. Never repeated (a resumed
             site keeps its trained query path), never applied to a fine-tuning-only trainer after the rounds.
-        head_prior_init: not in the paper (off by default, the authors' behaviour): when the site's trainer is built,
-            once per model, shift the local head's bias so that the network's mean initial logit over the site's
+        head_prior_init: not in the paper; None (default): on, except under DP-SGD (:attr:`dp_sgd`, set by the run);
+            True: on (refused under DP-SGD); False: off, the authors' behaviour. On over 3 seeds of the ``medium``
+            benchmark: mean personalized Dice 0.907 against 0.878, worst site 0.830 against 0.768 (README). When
+            the site's trainer is built, once per model, shift the local head's bias so that the network's mean initial logit over the site's
             training images is ``logit(pi)``, ``pi`` the tumour fraction of the site's training labels (clipped to
             ``[1e-4, 0.5]``): the prior-probability initialization of Lin et al. (focal loss, ICCV 2017). The
             default initialization starts with a random logit offset (e.g. +0.5: ~90% of the pixels predicted
@@ -70,10 +72,11 @@ class FedOAP(FederatedMethod):
         cross_attention: bool = True,
         adapter: bool = True,
         warm_start_query: bool = False,
-        head_prior_init: bool = False,
+        head_prior_init: Optional[bool] = None,
     ) -> None:
-        if not isinstance(head_prior_init, bool):
-            raise ValueError(f"head_prior_init must be true or false, got {head_prior_init!r}")
+        if head_prior_init is not None and not isinstance(head_prior_init, bool):
+            raise ValueError(f"head_prior_init must be true, false or null (on except under DP-SGD), got "
+                             f"{head_prior_init!r}")
         if not isinstance(warm_start_query, bool):
             raise ValueError(f"warm_start_query must be true or false, got {warm_start_query!r}")
         if warm_start_query and not cross_attention:
@@ -134,9 +137,15 @@ class FedOAP(FederatedMethod):
         return pairs
 
     @property
+    def uses_head_prior(self) -> bool:
+        """Whether the head starts at the site's tumour prior: ``head_prior_init``, or by default unless the run
+        trains under DP-SGD."""
+        return self.head_prior_init if self.head_prior_init is not None else not self.dp_sgd
+
+    @property
     def dp_sgd_conflict(self) -> str | None:
-        """``head_prior_init`` reads the training labels outside DP-SGD's clipping and noise (the shared updates
-        then depend on it), so DP-SGD refuses it."""
+        """``head_prior_init=True`` reads the training labels outside DP-SGD's clipping and noise (the shared
+        updates then depend on it), so DP-SGD refuses it (the default turns it off under DP-SGD instead)."""
         if self.head_prior_init:
             return ("with head_prior_init sets its head from the training labels' tumour fraction, outside DP-SGD's "
                     "clipping and noise")
@@ -144,7 +153,7 @@ class FedOAP(FederatedMethod):
 
     def begin_training(self, model: nn.Module, train: Any) -> None:
         """With ``head_prior_init``: set the head's initial bias from the site's training split (once per model)."""
-        if self.head_prior_init and not getattr(model, self.PRIOR_INIT_MARK, False):
+        if self.uses_head_prior and not getattr(model, self.PRIOR_INIT_MARK, False):
             prior_init_head(model, train.images, train.labels)
             setattr(model, self.PRIOR_INIT_MARK, True)
 
