@@ -76,7 +76,7 @@ class PromptSimEnv(SimEnv):
         kwargs: ``SimEnv``'s arguments.
     """
 
-    def __init__(self, *, finished: Callable[[float], bool], grace_s: float = 1.0, poll_s: float = 0.1,
+    def __init__(self, *, finished: Callable[[float], bool], grace_s: float = 0.5, poll_s: float = 0.1,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not callable(finished):
@@ -142,6 +142,7 @@ def _end_group(process: subprocess.Popen, wait_s: float = 10.0) -> None:
     for proc in tree:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
-    psutil.wait_procs(tree, timeout=wait_s)
+    # SIGKILL cannot be caught: nothing of the tree runs on. Only the leader is ours to reap; waiting for the others
+    # to be reaped by their new parent would only add about a second of polling
     with contextlib.suppress(ChildProcessError, subprocess.TimeoutExpired):
-        process.wait(timeout=wait_s)  # reap the leader
+        process.wait(timeout=wait_s)
