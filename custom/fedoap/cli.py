@@ -22,6 +22,7 @@
     fedoap export-bundle --model MODEL --out DIR                                the model as a MONAI bundle
     fedoap bench predict [--out DIR]                                            predict's volumes/s vs a plain MONAI loop
     fedoap bench overhead [--preset fast] [--repeats 2] [--out DIR]             a run's wall time by phase vs its training
+    fedoap bench fedmepd [--variants ...] [--seeds 0,1,2] [--out DIR]           FedMEPD vs baselines/ablations per region, site
 
 The run options (training, method, privacy, the simulated federation) are generated from ``fedoap.config``, where
 each is declared once; presets (export-jobs, bench) only change defaults. Every bad option is one line and exit
@@ -172,6 +173,24 @@ def _bench_options(p: argparse.ArgumentParser) -> None:
     over.add_argument("--repeats", type=int, default=2, help="runs per ending, interleaved (default 2)")
     over.add_argument("--endings", type=_csv, default=("prompt", "nvflare"),
                       help="comma-separated subset of prompt,nvflare (default both)")
+    mepd = bench_sub.add_parser("fedmepd", help="FedMEPD against FedAvg, the shared/local split, local training and "
+                                                "its ablations on brain tumours with missing modalities: Dice and "
+                                                "HD95 per region per site, time per round, over seeds")
+    from fedoap.bench_fedmepd import VARIANTS as MEPD_VARIANTS  # light: the runs import the rest
+
+    mepd.add_argument("--variants", type=_csv, default=None,
+                      help=f"comma-separated subset of {','.join(MEPD_VARIANTS)} (default: all)")
+    mepd.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="comma-separated seeds (default 0,1,2)")
+    mepd.add_argument("--out", default="runs/bench_fedmepd", help="benchmark folder (finished runs in it are reused)")
+    mepd.add_argument("--workers", type=int, default=None, help="runs at the same time, each its own NVFlare "
+                                                                "simulator process (default 1)")
+    mepd.add_argument("--total-epochs", type=int, default=None,
+                      help="rounds = total epochs / local epochs (not with --rounds)")
+    mepd.add_argument("--method-args", default=None, help="JSON object of fedmepd's arguments for every variant, on "
+                                                          "top of the setting's (default {\"patience\": 1})")
+    add_options(mepd, TrainingOptions, exclude=("seed",), preset=True,
+                title="Training (overrides of the CPU-sized setting, fedoap.bench_fedmepd.DEFAULT)")
+    add_options(mepd, FederationOptions, preset=True, title="The simulated federation (overrides of the setting)")
     add_options(dp, PrivacyOptions, only=("dp_delta",), preset=True)
     add_options(dp, TrainingOptions, exclude=("seed",), preset=True,
                 title="Training (overrides of fedoap simulate's defaults)")
@@ -400,6 +419,19 @@ def _bench(args: argparse.Namespace) -> None:
         bench_dp.run_bench_dp(args.settings, args.epsilons, args.seeds, _writable(args.out), overrides,
                               client_clip=args.client_clip, distributed_via=args.distributed_via,
                               delta=args.dp_delta)
+    elif args.bench == "fedmepd":
+        from fedoap import bench_fedmepd  # light: the runs import the rest
+
+        overrides = {k: getattr(args, k) for k in bench_fedmepd.OVERRIDABLE if getattr(args, k, None) is not None}
+        bench_fedmepd.parse_variants(args.variants)  # every option checked before anything starts
+        settings = bench_fedmepd.resolve_settings(overrides)
+        if args.workers is not None and args.workers < 1:
+            raise ValueError(f"--workers must be a positive integer, got {args.workers}")
+        checked = TrainingOptions(device=settings["device"], tracking=settings.get("tracking", "none"))
+        checked.require_device()
+        checked.require_tracking()
+        bench_fedmepd.run_bench_fedmepd(args.variants, args.seeds, _writable(args.out), overrides,
+                                        workers=args.workers)
     elif args.bench == "predict":
         from fedoap.bench_predict import run as bench_predict
 
