@@ -235,3 +235,24 @@ def test_ablations_are_fedoap_with_one_part_removed(tmp_path):
     assert _parse_methods(["fedoap", "fedoap-no-pbl"]) == ["fedoap", "fedoap-no-pbl"]
     with pytest.raises(ValueError, match="FedOAP's ablations"):
         _parse_methods(["fedoap-no-such"])
+
+
+def test_resume_never_takes_a_run_made_under_other_defaults(tmp_path):
+    """A run records its method's settings with the defaults resolved: a FedOAP run made while the head prior was off
+    by default, or by a version that did not record them, is not reused as today's default FedOAP."""
+    from fedoap.benchmark import _config, _config_mismatch
+    from fedoap.simulation import config_record
+
+    settings = resolve_settings("fast", OVERRIDES)
+    now = _config(settings, "fedoap", 0, tmp_path / "run", tmp_path / "data")
+    stored = config_record(now.run, now.federation)
+    assert stored["method_settings"]["head_prior_init"] is True
+    assert _config_mismatch(stored, now, user_data=False) == []
+    authors = {**stored, "method_settings": {**stored["method_settings"], "head_prior_init": False}}
+    assert _config_mismatch(authors, now, user_data=False) == ["method_settings"]
+    older = {k: v for k, v in stored.items() if k != "method_settings"}
+    assert _config_mismatch(older, now, user_data=False) == [
+        "method_settings (not recorded: made by an earlier version of fedoap)"]
+    # the authors' FedOAP under its benchmark name records exactly what it ran with
+    no_prior = _config(settings, "fedoap-no-head-prior", 0, tmp_path / "run", tmp_path / "data")
+    assert _config_mismatch(authors, no_prior, user_data=False) == ["method_args"]

@@ -341,12 +341,17 @@ def _config(settings: Mapping[str, Any], method: str, seed: int, run_dir: Path, 
 def _config_mismatch(stored: Mapping[str, Any], cfg: PlannedRun, user_data: bool) -> list[str]:
     """Keys whose stored value differs from the config this benchmark would run now. The path of generated data is
     not compared (its content follows from the seed, and a benchmark folder may be moved); keys that only one side
-    has (an option added since) are not compared either."""
+    has (an option added since) are not compared either, except ``method_settings``, the method's settings with its
+    defaults resolved: a run that did not record them was made by an earlier version, whose defaults may differ
+    (FedOAP's head prior was off), so it is never reused."""
     from fedoap.simulation import config_record
 
     now = config_record(cfg.run, cfg.federation)
     ignored = set(_RESUME_IGNORED) - ({"data"} if user_data else set())
-    return sorted(k for k in set(now) & set(stored) if k not in ignored and now[k] != stored[k])
+    differ = sorted(k for k in set(now) & set(stored) if k not in ignored and now[k] != stored[k])
+    if "method_settings" not in stored:
+        differ.append("method_settings (not recorded: made by an earlier version of fedoap)")
+    return differ
 
 
 def _previous_results(run_dir: str | Path, cfg: PlannedRun, user_data: bool) -> Optional[dict[str, Any]]:

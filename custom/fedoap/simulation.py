@@ -52,7 +52,7 @@ class SimulationError(RuntimeError):
 def config_record(run: RunConfig, federation: FederationOptions) -> dict[str, Any]:
     """The options of a run by flat name (``results.json``'s ``config``: what repeats it, and what the benchmark
     compares before it reuses a run)."""
-    return to_jsonable({**run.options(), **asdict(federation)})
+    return to_jsonable({**run.options(), **asdict(federation), "method_settings": run.method.instance.resolved_args()})
 
 
 def synthetic_sites(names: Sequence[str], cases: Optional[Mapping[str, int]] = None) -> dict[str, tuple[str, int]]:

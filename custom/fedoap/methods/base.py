@@ -54,6 +54,18 @@ class FederatedMethod(ABC):
             if name in cls.__dict__ and not getattr(cls.__dict__[name], "_applies_loss_options", False):
                 setattr(cls, name, _with_loss_options(cls.__dict__[name]))
 
+    def resolved_args(self) -> dict[str, Any]:
+        """What this method object runs with, defaults resolved: each constructor argument the object keeps under its
+        own name, and the run's loss option. A run records it, so that a result made under other defaults is never
+        taken for one made now (the benchmark's resume compares it); a subclass whose default follows the run
+        reports the value it resolved to (FedOAP's head prior)."""
+        import inspect
+
+        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+        kept = {p: getattr(self, p) for p in names if hasattr(self, p)}
+        return {**{k: list(v) if isinstance(v, tuple) else v for k, v in sorted(kept.items())},
+                "dice_reduction": self.dice_reduction}
+
     def apply_loss_options(self, loss: nn.Module) -> nn.Module:
         """``loss`` with this method's :attr:`dice_reduction` set on every ``BCEDiceLoss`` inside it (in place)."""
         from fedoap.losses.segmentation import set_dice_reduction  # MONAI: only where a loss is built (not the server)

@@ -136,6 +136,10 @@ class FedOAP(FederatedMethod):
                     pairs[key] = source + key[len(target):]
         return pairs
 
+    def resolved_args(self) -> dict[str, Any]:
+        """The base settings with the head prior resolved (its default follows the run)."""
+        return {**super().resolved_args(), "head_prior_init": self.uses_head_prior}
+
     @property
     def uses_head_prior(self) -> bool:
         """Whether the head starts at the site's tumour prior: ``head_prior_init``, or by default unless the run
