@@ -29,9 +29,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from fedoap.benchmark import (_FEDERATION, _TRAINING, DATA_DIR, OVERRIDABLE as _BENCHMARK_OVERRIDABLE, RUNS_DIR,
-                              PlannedRun, _execute, _fmt, _fmt_ms, _mean, _mean_std, _parse_seeds, _previous_results,
-                              _resolve, _table)
+from fedoap.benchmark import (_FEDERATION, _TRAINING, DATA_DIR, OVERRIDABLE as _BENCHMARK_OVERRIDABLE, PlannedRun,
+                              _execute, _fmt, _fmt_ms, _mean, _mean_std, _parse_seeds, _resolve, _table, plan_runs)
 from fedoap.config import FederationOptions, MethodOptions, RunConfig, TrainingOptions, cli_args
 from fedoap.jsonio import to_jsonable, write_json
 
@@ -417,20 +416,15 @@ def run_bench_fedmepd(variants: Optional[Sequence[str]] = None, seeds: Sequence[
         raise ValueError(f"--workers must be a positive integer, got {workers!r}")
     command = bench_fedmepd_command(variants, seeds, out, overrides)
 
-    plan = []  # benchmark._Plan: (seed, name, folder, config, previous results, error)
     sites: list[str] = []
-    for seed in seeds:
+
+    def seed_federation(seed: int) -> FederationOptions:
         federation = _seed_federation(settings, out, seed)
-        sites = list(federation.clients)
-        for variant in variants:
-            run_dir = str(out / RUNS_DIR / variant / f"seed{seed}")
-            try:
-                cfg = _plan_run(settings, variant, seed, Path(run_dir), federation)
-            except Exception as err:  # noqa: BLE001 - a variant that cannot be built fails its runs only
-                plan.append((seed, variant, run_dir, None, None, err))
-                continue
-            plan.append((seed, variant, run_dir, cfg, _previous_results(run_dir, cfg, bool(settings.get("data"))),
-                         None))
+        sites[:] = list(federation.clients)
+        return federation
+
+    plan = plan_runs(seeds, variants, out, bool(settings.get("data")), seed_federation,
+                     lambda variant, seed, run_dir, federation: _plan_run(settings, variant, seed, run_dir, federation))
     if workers is not None:
         settings["workers"] = workers
     for _, _, run_dir, _, previous, _ in plan:

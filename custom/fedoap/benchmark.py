@@ -27,7 +27,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -398,6 +398,27 @@ def _record(method: str, seed: int, out: str, resumed: bool, results: Optional[M
 _Plan = tuple[int, str, str, Optional[PlannedRun], Optional[dict[str, Any]], Optional[BaseException]]
 
 
+def plan_runs(seeds: Sequence[int], names: Sequence[str], out: Path, user_data: bool,
+              seed_context: Callable[[int], Any], config_for: Callable[[str, int, Path, Any], PlannedRun]
+              ) -> list[_Plan]:
+    """Every run of a benchmark, planned before any starts: per seed its shared context once (its data; an error
+    there stops the benchmark), then per name the run in ``out/runs/<name>/seed<k>`` with its configuration and the
+    results of an earlier invocation to reuse (checked against it: other settings stop the benchmark), or the error
+    that keeps that run from being built (it fails alone)."""
+    plan: list[_Plan] = []
+    for seed in seeds:
+        context = seed_context(seed)
+        for name in names:
+            run_dir = str(out / RUNS_DIR / name / f"seed{seed}")
+            try:
+                cfg = config_for(name, seed, Path(run_dir), context)
+            except Exception as err:  # noqa: BLE001 - a method that cannot be built fails its runs only
+                plan.append((seed, name, run_dir, None, None, err))
+                continue
+            plan.append((seed, name, run_dir, cfg, _previous_results(run_dir, cfg, user_data), None))
+    return plan
+
+
 def _execute(plan: Sequence[_Plan], workers: int):
     """Yield one record per planned run, in plan order: reused runs and runs whose configuration failed at once, the
     others run ``workers`` at a time. A failing run is recorded with its error and traceback; the others go on."""
@@ -467,18 +488,8 @@ def run_benchmark(
 
     # Each seed's data once, then every run planned and the finished ones checked before anything runs: a benchmark
     # never mixes settings.
-    plan: list[_Plan] = []
-    for seed in seeds:
-        data = _seed_data(settings, out, seed)
-        for method in methods:
-            run_dir = str(out / RUNS_DIR / method / f"seed{seed}")
-            try:
-                cfg = _config(settings, method, seed, Path(run_dir), data)
-            except Exception as err:  # noqa: BLE001 - a method that cannot be built fails its runs only
-                plan.append((seed, method, run_dir, None, None, err))
-                continue
-            plan.append((seed, method, run_dir, cfg, _previous_results(run_dir, cfg, bool(settings.get("data"))),
-                         None))
+    plan = plan_runs(seeds, methods, out, bool(settings.get("data")), lambda seed: _seed_data(settings, out, seed),
+                     lambda method, seed, run_dir, data: _config(settings, method, seed, run_dir, data))
 
     if workers is not None:
         settings["workers"] = workers
