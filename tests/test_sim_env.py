@@ -27,11 +27,19 @@ def _env(tmp_path, finished, **kwargs):
     return PromptSimEnv(finished=finished, clients=["a", "b"], workspace_root=str(tmp_path / "ws"), **kwargs)
 
 
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+def _gone(pid: int, within_s: float = 10.0) -> bool:
+    """Whether the process ends (or is a zombie: killed, not yet reaped) within ``within_s`` (a SIGKILL is delivered
+    asynchronously: a busy machine may take a moment)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
 
 
 def test_the_history_predicate_reads_only_a_completed_history_of_this_run(tmp_path):
