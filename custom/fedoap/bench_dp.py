@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from fedoap.benchmark import (_FEDERATION, _TRAINING, RUNS_DIR, _config, _empty_mask_rule, _execute, _fmt, _fmt_ms,
-                              _mean_std, _parse_seeds, _previous_results, _resolve, _seed_data, _table, aggregate_runs)
+                              _mean_std, _parse_seeds, _previous_results, _resolve, _seed_data, _table, aggregate_runs,
+                              parse_choices)
 from fedoap.config import PrivacyOptions, TrainingOptions, cli_args
 from fedoap.jsonio import to_jsonable, write_json
 
@@ -78,13 +79,7 @@ def parse_settings(names: Optional[Sequence[str]]) -> list[str]:
     Raises:
         ValueError: an unknown or repeated setting, or none.
     """
-    names = list(SETTINGS if names is None else names)
-    unknown = [n for n in names if n not in SETTINGS]
-    if unknown:
-        raise ValueError(f"--settings: unknown setting(s) {unknown}; choose from {','.join(SETTINGS)}")
-    if not names or len(set(names)) != len(names):
-        raise ValueError(f"--settings must name distinct settings, got {names}")
-    return [s for s in SETTINGS if s in names]
+    return parse_choices("--settings", names, list(SETTINGS))
 
 
 def parse_epsilons(values: Sequence[Any]) -> list[float]:

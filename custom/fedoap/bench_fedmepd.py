@@ -30,7 +30,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from fedoap.benchmark import (_FEDERATION, _TRAINING, DATA_DIR, OVERRIDABLE as _BENCHMARK_OVERRIDABLE, PlannedRun,
-                              _execute, _fmt, _fmt_ms, _mean, _mean_std, _parse_seeds, _resolve, _table, plan_runs)
+                              _execute, _fmt, _fmt_ms, _mean, _mean_std, _parse_seeds, _resolve, _table, parse_choices,
+                              plan_runs, split_by_status)
 from fedoap.config import FederationOptions, MethodOptions, RunConfig, TrainingOptions, cli_args
 from fedoap.jsonio import to_jsonable, write_json
 
@@ -83,13 +84,7 @@ def parse_variants(names: Optional[Sequence[str]]) -> list[str]:
     Raises:
         ValueError: an unknown or repeated variant, or none.
     """
-    names = list(VARIANTS if names is None else names)
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        raise ValueError(f"--variants: unknown variant(s) {unknown}; choose from {','.join(VARIANTS)}")
-    if not names or len(set(names)) != len(names):
-        raise ValueError(f"--variants must name distinct variants, got {names}")
-    return [v for v in VARIANTS if v in names]
+    return parse_choices("--variants", names, list(VARIANTS))
 
 
 def parse_method_args(text: Optional[str | Mapping[str, Any]]) -> dict[str, Any]:
@@ -252,10 +247,7 @@ _VARIANT_METRICS = ("mean_dice", "mean_hd95", *(f"mean_{r}_{m}" for r in REGIONS
 def aggregate_variant(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """One variant's mean and std over its successful seeds (runs: records with ``seed``, ``status`` and, when ok,
     ``fedmepd``: :func:`summarize_run`'s)."""
-    ok = [r for r in runs if r["status"] == "ok"]
-    failed = [r["seed"] for r in runs if r["status"] != "ok"]
-    status = "failed" if not ok else ("partial" if failed else "ok")
-    out: dict[str, Any] = {"status": status, "seeds_ok": [r["seed"] for r in ok], "seeds_failed": failed}
+    ok, out = split_by_status(runs)
     if not ok:
         return out
     site_names = sorted({s for r in ok for s in r["fedmepd"]["sites"]}, key=_site_key)

@@ -280,12 +280,33 @@ _METHOD_METRICS = ("mean_dice", "worst_client_dice", "mean_hd95", "protocol_mean
                    "bytes_uploaded_per_round_per_client", "wall_time_s")
 
 
-def aggregate_runs(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """One method's mean and std over its successful seeds (runs: records of :func:`run_benchmark`)."""
+def parse_choices(flag: str, names: Optional[Sequence[str]], choices: Sequence[str]) -> list[str]:
+    """The chosen names of a benchmark's rows in the table's order (None: all of ``choices``).
+
+    Raises:
+        ValueError: an unknown or repeated name, or none (``flag`` names the option).
+    """
+    names = list(choices if names is None else names)
+    unknown = [n for n in names if n not in choices]
+    if unknown:
+        raise ValueError(f"{flag}: unknown name(s) {unknown}; choose from {','.join(choices)}")
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"{flag} must name distinct entries, got {names}")
+    return [c for c in choices if c in names]
+
+
+def split_by_status(runs: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], dict[str, Any]]:
+    """The successful runs of one row, and the row's status record (``status`` ok / partial / failed, the seeds
+    that succeeded and failed) that its aggregate starts from."""
     ok = [r for r in runs if r["status"] == "ok"]
     failed = [r["seed"] for r in runs if r["status"] != "ok"]
     status = "failed" if not ok else ("partial" if failed else "ok")
-    summary: dict[str, Any] = {"status": status, "seeds_ok": [r["seed"] for r in ok], "seeds_failed": failed}
+    return ok, {"status": status, "seeds_ok": [r["seed"] for r in ok], "seeds_failed": failed}
+
+
+def aggregate_runs(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One method's mean and std over its successful seeds (runs: records of :func:`run_benchmark`)."""
+    ok, summary = split_by_status(runs)
     if not ok:
         return summary
     sites = sorted({s for r in ok for s in r["summary"]["clients"]})
