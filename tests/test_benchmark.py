@@ -56,7 +56,7 @@ def test_protocol_round_is_best_validation_round_in_second_half():
 
 def test_summary_takes_test_dice_at_the_protocol_round():
     results = {
-        "clients": {"a": {"dice": 0.7, "hd95": 3.0}, "b": {"dice": 0.4, "hd95": None}},
+        "clients": {"a": {"dice": 0.7, "hd95": 3.0, "volume_dice": 0.8}, "b": {"dice": 0.4, "hd95": None}},
         "unseen": {"a": {"dice": 0.1}, "b": {"dice": 0.3}},
         "bytes_uploaded_per_round": {"a": 100, "b": 300},
         "wall_time_s": 12.0,
@@ -71,6 +71,8 @@ def test_summary_takes_test_dice_at_the_protocol_round():
     assert s["mean_dice"] == pytest.approx(0.55)
     assert s["mean_hd95"] == 3.0  # a site without any HD95 is left out, not counted as 0
     assert s["unseen_dice"] == pytest.approx(0.2)
+    assert s["clients"]["b"]["volume_dice"] is None  # a 2D site has no volumes: left out of the mean, not 0
+    assert s["mean_volume_dice"] == 0.8
     assert s["bytes_uploaded_per_round_per_client"] == 200
     assert s["val_dice_per_round"] == pytest.approx([0.5, 0.15, 0.4, 0.4])
 
@@ -128,6 +130,10 @@ def test_means_stds_and_worst_client_match_the_runs(bench):
             protocol = [r["test_dice_per_round"][site][protocol_round(r["val_dice_per_round"][site])] for r in runs]
             assert agg["clients"][site]["protocol_dice"]["mean"] == pytest.approx(np.mean(protocol))
             assert all(len(r["test_dice_per_round"][site]) == 2 for r in runs)
+        volume = [r["clients"]["brain"]["volume_dice"] for r in runs]  # NIfTI: per test volume (3D)
+        assert agg["clients"]["brain"]["volume_dice"]["mean"] == pytest.approx(np.mean(volume))
+        assert agg["clients"]["breast"]["volume_dice"]["n"] == 0  # PNG slices: no volumes
+        assert agg["mean_volume_dice"]["mean"] == pytest.approx(np.mean(volume))
         worst = [min(c["dice"] for c in r["clients"].values()) for r in runs]
         assert agg["worst_client_dice"]["mean"] == pytest.approx(np.mean(worst))
         assert agg["worst_client_dice"]["mean"] <= agg["mean_dice"]["mean"] + 1e-12
@@ -165,6 +171,7 @@ def test_markdown_and_figures(bench):
     assert "unseen lesion Dice" in md and "## Unseen organ (lung): lesion Dice and empty-slice false positives" in md
     assert "fedoap benchmark --methods fedoap,local,broken --seeds 0,1 --preset fast" in md
     assert "Ranking by the personalized score" in md
+    assert "## Personalized per-volume (3D) Dice per site" in md
     summary = md.split("## Summary")[1].split("##")[0]
     for method in METHODS_OK:
         assert sum(line.startswith(f"| {method} |") for line in summary.splitlines()) == 1

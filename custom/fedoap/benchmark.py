@@ -236,6 +236,7 @@ def summarize_run(results: Mapping[str, Any]) -> dict[str, Any]:
             "protocol_dice": test[r] if r is not None and r < len(test) else None,
             "lesion_dice": row.get("lesion_dice"),
             "empty_fp_rate": row.get("empty_fp_rate"),
+            "volume_dice": row.get("volume_dice"),  # per test volume (3D), NIfTI sites only
             "unseen_dice": unseen.get(site, {}).get("dice"),
             **{name: unseen.get(site, {}).get(key) for key, name in _UNSEEN_SCORES.items()},
             "bytes_uploaded_per_round": results["bytes_uploaded_per_round"].get(site),
@@ -253,6 +254,7 @@ def summarize_run(results: Mapping[str, Any]) -> dict[str, Any]:
         "protocol_worst_client_dice": min(_finite([c["protocol_dice"] for c in clients.values()]), default=None),
         "mean_lesion_dice": _mean([c["lesion_dice"] for c in clients.values()]),
         "mean_empty_fp_rate": _mean([c["empty_fp_rate"] for c in clients.values()]),
+        "mean_volume_dice": _mean([c["volume_dice"] for c in clients.values()]),
         "unseen_dice": _mean([c["unseen_dice"] for c in clients.values()]),
         **{name: _mean([c[name] for c in clients.values()]) for name in _UNSEEN_SCORES.values()},
         "unseen_n_lesion": _count([u.get("n_lesion") for u in unseen.values()]),
@@ -273,11 +275,11 @@ def _mean_std(values: Sequence[Any]) -> dict[str, Any]:
     }
 
 
-_CLIENT_METRICS = ("dice", "hd95", "protocol_dice", "lesion_dice", "empty_fp_rate", "unseen_dice",
+_CLIENT_METRICS = ("dice", "hd95", "protocol_dice", "lesion_dice", "empty_fp_rate", "volume_dice", "unseen_dice",
                    *_UNSEEN_SCORES.values(), "bytes_uploaded_per_round")
 _METHOD_METRICS = ("mean_dice", "worst_client_dice", "mean_hd95", "protocol_mean_dice", "protocol_worst_client_dice",
-                   "mean_lesion_dice", "mean_empty_fp_rate", "unseen_dice", *_UNSEEN_SCORES.values(),
-                   "bytes_uploaded_per_round_per_client", "wall_time_s")
+                   "mean_lesion_dice", "mean_empty_fp_rate", "mean_volume_dice", "unseen_dice",
+                   *_UNSEEN_SCORES.values(), "bytes_uploaded_per_round_per_client", "wall_time_s")
 
 
 def parse_choices(flag: str, names: Optional[Sequence[str]], choices: Sequence[str]) -> list[str]:
@@ -702,6 +704,8 @@ def benchmark_markdown(result: Mapping[str, Any]) -> str:
         ("Personalized lesion Dice per site (test slices with tumour only)", "lesion_dice", "mean_lesion_dice", 3),
         ("Personalized empty-slice FP rate per site (test slices without tumour)", "empty_fp_rate",
          "mean_empty_fp_rate", 2),
+        ("Personalized per-volume (3D) Dice per site (each test volume's slices stacked; NIfTI sites only, "
+         "mean over the sites that have volumes)", "volume_dice", "mean_volume_dice", 3),
     ]
     if s["unseen"]:
         per_client += [
