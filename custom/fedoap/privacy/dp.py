@@ -384,6 +384,8 @@ class DPSGDConfig:
         batch_size: the expected batch of DP-SGD's Poisson sampling (None: the trainer's batch size). DP-SGD wants
             larger batches than plain training: the noise on the mean gradient is ``sigma / batch``, and sigma grows
             slowly with the rate.
+        noise_prefetch: with ``"chacha20"``, draw each step's noise ahead on a background thread while the step
+            computes (default; :class:`~fedoap.privacy.dp_optimizer.SecureNoiseDPOptimizer`), or inside the step.
 
     Raises:
         ValueError: if a value is out of range or the noise is given both ways or neither way.
@@ -399,6 +401,7 @@ class DPSGDConfig:
     unit: str = "slice"
     noise_source: str = "chacha20"
     batch_size: int | None = None
+    noise_prefetch: bool = True
 
     def __post_init__(self) -> None:
         _check_positive("max_grad_norm", self.max_grad_norm)
@@ -426,6 +429,8 @@ class DPSGDConfig:
             raise ValueError(f"unit must be one of {_UNITS}, got {self.unit!r}.")
         if self.noise_source not in _NOISE_SOURCES:
             raise ValueError(f"noise_source must be one of {_NOISE_SOURCES}, got {self.noise_source!r}.")
+        if not isinstance(self.noise_prefetch, bool):
+            raise ValueError(f"noise_prefetch must be True or False, got {self.noise_prefetch!r}.")
 
 
 def _poisson_mask(n: int, rate: float) -> torch.Tensor:
@@ -618,6 +623,8 @@ class DPSGD:
         """
         if self._hooks is not None:
             raise RuntimeError("make_private was already called; create one DPSGD per site and job.")
+        import fedoap.privacy.grad_samplers  # noqa: F401 - registers the rules Opacus lacks (transposed convolutions)
+
         units = DataLoader(TensorDataset(torch.arange(self.n_units)), batch_size=self.batch_size)
         hooks, _, _ = self.engine.make_private(
             module=model,
@@ -655,7 +662,8 @@ class DPSGD:
         from fedoap.privacy.dp_optimizer import SecureNoiseDPOptimizer
 
         if self._noise_generator is None:
-            dp_optimizer: DPOptimizer = SecureNoiseDPOptimizer(optimizer, **settings)
+            dp_optimizer: DPOptimizer = SecureNoiseDPOptimizer(optimizer, prefetch=self.config.noise_prefetch,
+                                                               **settings)
         else:  # Opacus's secure_mode noise path (four normals) on our OS-seeded generator
             dp_optimizer = DPOptimizer(optimizer, generator=self._noise_generator, secure_mode=True, **settings)
         # the rate the sampler below draws with, by construction
@@ -772,9 +780,13 @@ class DPSGD:
             self._hooks.enable_hooks()
 
     def close(self) -> None:
-        """Remove the hooks and Opacus's attributes from the model (end of the job)."""
+        """Remove the hooks and Opacus's attributes from the model and stop the optimizers' noise drawn ahead (end
+        of the job)."""
         if self._hooks is not None:
             self._hooks.cleanup()
+        for optimizer in self._optimizers:
+            if hasattr(optimizer, "close"):
+                optimizer.close()
 
     def _require_private(self) -> None:
         if self._hooks is None:
