@@ -348,6 +348,40 @@ def test_noise_is_added_and_differs_between_identical_runs(noise_source):
     assert float(moved.std()) == pytest.approx(0.125, rel=0.1)
 
 
+def _private_conv(prefetch: bool):
+    images, labels = segmentation_batch(4, 8, seed=8)
+    model = tiny_conv()
+    dp = DPSGD(DPSGDConfig(noise_multiplier=1.0, noise_prefetch=prefetch), n_train=4, batch_size=4)  # q = 1
+    model, optimizer = dp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    return dp, model, optimizer, images, labels
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_noise_drawn_ahead_is_fresh_used_once_and_only_when_it_fits(prefetch, monkeypatch):
+    """The next step's noise is drawn on a thread while the step computes: every step still gets one draw of its
+    own (one per parameter and step, plus the one ahead), two steps never share noise, and a draw made for another
+    scale is thrown away, not used."""
+    import fedoap.privacy.dp_optimizer as dp_optimizer
+
+    draws = []
+    real = dp_optimizer.secure_normal
+    monkeypatch.setattr(dp_optimizer, "secure_normal",
+                        lambda shape, std, dtype=torch.float32: draws.append(std) or real(shape, std, dtype=dtype))
+    dp, model, optimizer, images, labels = _private_conv(prefetch)
+    n = len(optimizer.params)
+    assert run_epochs(dp, model, optimizer, nn.BCEWithLogitsLoss(), images, labels, epochs=3) == 3
+    if prefetch:
+        optimizer._ahead.result()
+    assert len(draws) == (3 + prefetch) * n  # each step's own draw; with prefetch, the next step's too
+    first, second = optimizer._noise(1.0), optimizer._noise(1.0)
+    assert all(not torch.equal(a, b) for a, b in zip(first, second))
+    assert all(z.abs().sum() == 0 for z in optimizer._noise(0.0))  # a draw ahead at scale 1 is not used at 0
+    assert all(z.abs().sum() == 0 for z in optimizer._noise(0.0))
+    assert all(z.abs().sum() > 0 for z in optimizer._noise(1.0))  # nor one at 0 for a step at 1
+    dp.close()  # the draw in flight ends with the job
+    assert optimizer._ahead is None and optimizer._drawer is None
+
+
 def test_without_noise_and_clipping_a_dp_step_is_a_plain_sgd_step():
     private, plain, (images, labels, loss_fn) = one_dp_step(noise_multiplier=0.0, max_grad_norm=1e6)
     optimizer = torch.optim.SGD(plain.parameters(), lr=0.5)
