@@ -119,6 +119,12 @@ def test_bench_speed_rows_compare_every_configuration():
     dp = dp_rows(run, train, val, epochs=1)
     names = [r["config"] for r in dp]
     assert "dp-sgd trainer fp32" in names and "opacus loop (hooks)" in names
+    assert "dp-sgd trainer, stock Opacus rules" in names  # the reference rows ran without our per-sample rules...
+    from opacus.grad_sample import GradSampleModule
+
+    from fedoap.privacy.grad_samplers import conv_transpose_grad_sample
+
+    assert GradSampleModule.GRAD_SAMPLERS[torch.nn.ConvTranspose2d] is conv_transpose_grad_sample  # ...and it is back
     for r in dp:
         if r["config"] != "opacus loop (ghost clipping)":  # ghost clipping is Opacus's to support or not
             assert r.get("images_per_s", 0) > 0, r

@@ -15,15 +15,18 @@ part 1 measures what it adds to a round)
 against the best plain PyTorch loop of the same network, data, batch and optimizer with the same setting (tensors in
 memory, a random permutation per epoch, no ``DataLoader``, no flips; ``torch.compile(model)``, autocast around the
 forward, the loss in fp32). Then DP-SGD (:func:`dp_rows`): the trainer's DP-SGD (Opacus hooks in place, Poisson
-sampling, per-image loss; fp32 and channels-last, the options Opacus allows; its default ChaCha20 noise, and the
-``os_seeded`` torch noise, Opacus's kind) against a textbook Opacus loop
-(``PrivacyEngine.make_private``) and Opacus's ghost clipping (``grad_sample_mode="ghost"``), same network, batch and
-noise. The first epoch of every configuration is warm-up (compilation happens there) and is not counted; the
-median of the other epochs is reported, with the device (a CPU-only machine measures what the CPU gains).
+sampling, per-image loss; fp32 and channels-last, the options Opacus allows; its default ChaCha20 noise drawn ahead,
+the same noise drawn inside the step, the ``os_seeded`` torch noise, Opacus's kind, and once with Opacus's own
+per-sample rules only, without :mod:`fedoap.privacy.grad_samplers`) against a textbook Opacus loop
+(``PrivacyEngine.make_private``) and Opacus's ghost clipping (``grad_sample_mode="ghost"``), both Opacus as shipped,
+same network, batch and noise. The first epoch of every configuration is warm-up (compilation happens there) and is
+not counted; the median of the other epochs is reported, with the device (a CPU-only machine measures what the CPU
+gains).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -172,12 +175,14 @@ def _round_images(trainer: Any) -> int:
 
 def dp_rows(run: RunConfig, train: SliceSet, val: SliceSet, epochs: int = 2, noise_multiplier: float = 1.0,
             max_grad_norm: float = 1.0) -> list[dict[str, Any]]:
-    """DP-SGD images/s (images Poisson sampling drew): the sites' trainer (fp32, and channels-last) against a
-    textbook Opacus loop (``PrivacyEngine.make_private``, hooks) and Opacus's ghost clipping, same network, batch,
-    optimizer and noise. A loop Opacus refuses records its one-line error."""
+    """DP-SGD images/s (images Poisson sampling drew): the sites' trainer (fp32, channels-last, os_seeded noise, and
+    without our per-sample rules) against a textbook Opacus loop (``PrivacyEngine.make_private``, hooks) and Opacus's
+    ghost clipping, both Opacus as shipped, same network, batch, optimizer and noise. A loop Opacus refuses records
+    its one-line error."""
     from opacus import PrivacyEngine
 
     from fedoap.privacy.dp import DPSGDConfig, per_sample_loss
+    from fedoap.privacy.grad_samplers import stock_opacus
     from fedoap.training import LocalTrainer
 
     t = run.training
@@ -193,14 +198,19 @@ def dp_rows(run: RunConfig, train: SliceSet, val: SliceSet, epochs: int = 2, noi
         except Exception as err:  # noqa: BLE001
             rows.append({"config": name, "error": f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"})
 
-    def ours(channels_last: bool, noise_source: str = "chacha20") -> float:
-        model, method = _fresh(run)
-        trainer = LocalTrainer(model, method, train, val, replace(base, channels_last=channels_last),
-                               dp=DPSGDConfig(max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier,
-                                              noise_source=noise_source))
-        return _median_rate(lambda: _round_images(trainer), epochs, dev)
+    def ours(channels_last: bool, noise_source: str = "chacha20", rules: bool = True, prefetch: bool = True) -> float:
+        with contextlib.nullcontext() if rules else stock_opacus():
+            model, method = _fresh(run)
+            trainer = LocalTrainer(model, method, train, val, replace(base, channels_last=channels_last),
+                                   dp=DPSGDConfig(max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier,
+                                                  noise_source=noise_source, noise_prefetch=prefetch))
+            return _median_rate(lambda: _round_images(trainer), epochs, dev)
 
     def opacus(mode: str) -> float:
+        with stock_opacus():  # Opacus as shipped: the reference has none of our per-sample rules
+            return _opacus(mode)
+
+    def _opacus(mode: str) -> float:
         model, method = _fresh(run)
         model = model.to(dev)
         optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=base.weight_decay)
@@ -233,6 +243,8 @@ def dp_rows(run: RunConfig, train: SliceSet, val: SliceSet, epochs: int = 2, noi
     record("dp-sgd trainer fp32", lambda: ours(False))
     record("dp-sgd trainer channels-last", lambda: ours(True))
     record("dp-sgd trainer os_seeded noise", lambda: ours(False, "os_seeded"))  # Opacus's kind of noise
+    record("dp-sgd trainer, noise drawn in the step", lambda: ours(False, prefetch=False))  # no draw ahead
+    record("dp-sgd trainer, stock Opacus rules", lambda: ours(False, rules=False))  # without our transposed-conv rule
     record("opacus loop (hooks)", lambda: opacus("hooks"))
     record("opacus loop (ghost clipping)", lambda: opacus("ghost"))
     reference = next((r["images_per_s"] for r in rows if r["config"] == "opacus loop (hooks)" and "images_per_s" in r),
