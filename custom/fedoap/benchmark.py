@@ -61,7 +61,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "finetune_epochs": 4, "batch_size": 8, "workers": 2,
     },
     # CPU, where personalization matters: the three organ sites at 64 x 64, width 16, 30 federated epochs (15 rounds
-    # x 2), the unseen lung; estimated 7-10 min per method and seed on 2 cores (one run at a time)
+    # x 2), the unseen lung; 2.5-6.5 min per method and seed measured on 2 cores (one run at a time)
     "medium": {
         "clients": ("brain", "liver", "breast"), "unseen": "lung",
         "cases": {"brain": 10, "liver": 8, "breast": 100, "lung": 4},
