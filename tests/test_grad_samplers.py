@@ -45,30 +45,29 @@ def per_sample_autograd(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tenso
     return grads
 
 
-@pytest.mark.parametrize("cls,shape,kwargs", CASES, ids=[f"{c.__name__}-{i}" for i, (c, _, _) in enumerate(CASES)])
-def test_rule_equals_each_samples_own_gradient(cls, shape, kwargs):
+def assert_rule_matches_autograd(rule_fn, layer: nn.Module, input_shape: tuple) -> None:
+    """The rule's per-sample gradients of every parameter equal each sample's own autograd gradient (float64)."""
     torch.manual_seed(0)
-    layer = cls(**kwargs).double()
-    x = torch.randn(3, *shape, dtype=torch.float64)
+    layer = layer.double()
+    x = torch.randn(3, *input_shape, dtype=torch.float64)
     grad_out = torch.randn_like(layer(x))
-    rule = conv_transpose_grad_sample(layer, [x], grad_out)
+    rule = rule_fn(layer, [x], grad_out)
     assert set(rule) == set(layer.parameters())
     for i, expected in enumerate(per_sample_autograd(layer, x, grad_out)):
         for p, g in expected.items():
             torch.testing.assert_close(rule[p][i], g, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls,shape,kwargs", CASES, ids=[f"{c.__name__}-{i}" for i, (c, _, _) in enumerate(CASES)])
+def test_rule_equals_each_samples_own_gradient(cls, shape, kwargs):
+    torch.manual_seed(0)
+    assert_rule_matches_autograd(conv_transpose_grad_sample, cls(**kwargs), shape)
 
 
 @pytest.mark.parametrize("kwargs", CONV2D_CASES, ids=[str(i) for i in range(len(CONV2D_CASES))])
 def test_conv2d_rule_equals_each_samples_own_gradient(kwargs):
     torch.manual_seed(0)
-    layer = nn.Conv2d(**kwargs).double()
-    x = torch.randn(3, kwargs["in_channels"], 7, 6, dtype=torch.float64)
-    grad_out = torch.randn_like(layer(x))
-    rule = conv2d_grad_sample(layer, [x], grad_out)
-    assert set(rule) == set(layer.parameters())
-    for i, expected in enumerate(per_sample_autograd(layer, x, grad_out)):
-        for p, g in expected.items():
-            torch.testing.assert_close(rule[p][i], g, rtol=1e-10, atol=1e-12)
+    assert_rule_matches_autograd(conv2d_grad_sample, nn.Conv2d(**kwargs), (kwargs["in_channels"], 7, 6))
 
 
 def test_empty_draw_gives_zero_gradients_of_the_right_shape():
