@@ -29,10 +29,10 @@ class SecureNoiseDPOptimizer(DPOptimizer):
     checks, same ``p.grad = summed_grad + noise``) keeps Opacus's clipping, scaling, accounting hook and
     grad-accumulation guards unchanged and swaps only the source: a ChaCha20 stream keyed with 256 fresh OS bits per
     parameter tensor and step, never stored, four-normal sum included. Its cost is that of the CPU stream, about
-    0.14 microseconds per parameter per step on one core, 25 times ``torch.randn``: ``fedoap bench privacy`` on two
-    busy cores measured 18.5 images/s against 33.7 with ``"os_seeded"`` (3.1 M parameters, 32 x 32, batch 16; the
-    share falls as the per-sample work grows with the image size and batch). On a GPU the CPU draw and its transfer
-    would dominate a step, which is what ``noise_source="os_seeded"`` is for.
+    0.14 microseconds per parameter per step on one core, 25 times ``torch.randn``: drawn inside the step,
+    ``fedoap bench privacy`` on two busy cores measured 18.5 images/s against 33.7 with ``"os_seeded"`` (3.1 M
+    parameters, 32 x 32, batch 16), which is why it is drawn ahead (below). On a GPU the CPU draw and its transfer
+    would dominate a step unless drawn ahead; ``noise_source="os_seeded"`` is the alternative there.
 
     The next step's noise is drawn ahead, on a thread of its own, while the step's forward and backward passes run
     (``prefetch``): a draw does not depend on the data or the model, its key is still fresh OS bits used once, and
