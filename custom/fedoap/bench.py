@@ -244,7 +244,7 @@ def dp_rows(run: RunConfig, train: SliceSet, val: SliceSet, epochs: int = 2, noi
     record("dp-sgd trainer channels-last", lambda: ours(True))
     record("dp-sgd trainer os_seeded noise", lambda: ours(False, "os_seeded"))  # Opacus's kind of noise
     record("dp-sgd trainer, noise drawn in the step", lambda: ours(False, prefetch=False))  # no draw ahead
-    record("dp-sgd trainer, stock Opacus rules", lambda: ours(False, rules=False))  # without our transposed-conv rule
+    record("dp-sgd trainer, stock Opacus rules", lambda: ours(False, rules=False))  # Opacus's own per-sample rules
     record("opacus loop (hooks)", lambda: opacus("hooks"))
     record("opacus loop (ghost clipping)", lambda: opacus("ghost"))
     reference = next((r["images_per_s"] for r in rows if r["config"] == "opacus loop (hooks)" and "images_per_s" in r),

@@ -623,7 +623,7 @@ class DPSGD:
         """
         if self._hooks is not None:
             raise RuntimeError("make_private was already called; create one DPSGD per site and job.")
-        import fedoap.privacy.grad_samplers  # noqa: F401 - registers the rules Opacus lacks (transposed convolutions)
+        import fedoap.privacy.grad_samplers  # noqa: F401 - registers our per-sample rules (convolutions)
 
         units = DataLoader(TensorDataset(torch.arange(self.n_units)), batch_size=self.batch_size)
         hooks, _, _ = self.engine.make_private(

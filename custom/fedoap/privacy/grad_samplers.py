@@ -30,13 +30,9 @@ import contextlib
 from typing import Iterator, Union
 
 import torch
-import torch.nn.functional as F
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from opacus.grad_sample.grad_sample_module import GradSampleHooks
-from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
-    GradSampleHooksFastGradientClipping,
-    GradSampleModuleFastGradientClipping,
-)
+from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleHooksFastGradientClipping
 from opacus.utils.tensor_utils import unfold2d, unfold3d
 from torch import nn
 
@@ -64,16 +60,16 @@ def _handed_over(layer: nn.Module, grads: dict[nn.Parameter, torch.Tensor]) -> d
 
 def _patches(grad_out: torch.Tensor, layer: nn.Module, positions: int) -> torch.Tensor:
     """``dL/dy`` cut into the convolution's patches: ``(n, C_out * prod(kernel), positions)``."""
-    spatial = grad_out.dim() - 2
-    if spatial == 1:  # as a 2D input of height 1
-        cols = F.unfold(grad_out.unsqueeze(2), kernel_size=(1, layer.kernel_size[0]), dilation=(1, layer.dilation[0]),
-                        padding=(0, layer.padding[0]), stride=(1, layer.stride[0]))
-    elif spatial == 2:
-        cols = F.unfold(grad_out, kernel_size=layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
-                        stride=layer.stride)
-    else:
+    if grad_out.dim() == 5:
         cols = unfold3d(grad_out, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride,
                         dilation=layer.dilation)
+    else:  # 2D, or 1D as a 2D input of height 1
+        flat = grad_out.dim() == 3
+        cols = unfold2d(grad_out.unsqueeze(2) if flat else grad_out,
+                        kernel_size=(1, *layer.kernel_size) if flat else layer.kernel_size,
+                        padding=(0, *layer.padding) if flat else layer.padding,
+                        stride=(1, *layer.stride) if flat else layer.stride,
+                        dilation=(1, *layer.dilation) if flat else layer.dilation)
     if cols.shape[-1] != positions:  # output_padding >= stride cannot happen (PyTorch refuses it), so this is a bug
         raise RuntimeError(f"{type(layer).__name__}: {cols.shape[-1]} patches of dL/dy for {positions} input positions")
     return cols
@@ -129,9 +125,8 @@ def conv2d_grad_sample(layer: nn.Conv2d, activations: list[torch.Tensor],
 
 
 _OURS = {**dict.fromkeys(TRANSPOSED, conv_transpose_grad_sample), nn.Conv2d: conv2d_grad_sample}
-for _ghost in (GradSampleHooksFastGradientClipping, GradSampleModuleFastGradientClipping):  # and their subclasses
-    if _ghost.GRAD_SAMPLERS is _REGISTRY:
-        _ghost.GRAD_SAMPLERS = dict(_REGISTRY)
+if GradSampleHooksFastGradientClipping.GRAD_SAMPLERS is _REGISTRY:  # every ghost-clipping class inherits from it
+    GradSampleHooksFastGradientClipping.GRAD_SAMPLERS = dict(_REGISTRY)
 _REGISTRY.update(_OURS)
 
 
