@@ -7,6 +7,7 @@ from datetime import datetime
 import pytest
 
 from fedoap.bench_overhead import PHASES, log_events, overhead_table, run_phases
+from fedoap.site.client import SESSION_READY
 
 T0 = datetime(2026, 12, 2, 8, 0, 0).timestamp()
 
@@ -26,12 +27,14 @@ def _workspace(tmp_path, server_lines, sites):
     return ws
 
 
-def _site(spans):
+def _site(spans, ready=None):
+    """A site's log: its task spans, and the session-ready line (at ``ready``, default: before the first task)."""
     lines = [(0.5, "ClientTaskWorker", "ClientTaskWorker started to run")]
     for start, end in spans:
         lines += [(start, "ClientRunner", "execute for task (train)"),
                   (end, "ClientRunner", "finished processing task")]
-    return lines
+    lines.append((0.6 if ready is None else ready, "fedoap.site.client", f"{SESSION_READY}: site"))
+    return sorted(lines)
 
 
 def test_phases_add_up_to_the_wall_time_and_training_is_the_busiest_sites(tmp_path):
@@ -64,3 +67,21 @@ def test_a_log_without_the_expected_lines_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"server/log.txt: no line with 'Server runner starting'"):
         run_phases(results)
     assert [m for _, m in log_events(ws / "a" / "log.txt")][-1] == "ClientRunner - INFO - finished processing task"
+
+
+def test_the_first_task_until_the_session_is_ready_is_start_up_not_training(tmp_path):
+    """The task script starts with the first task: its imports and data loading (until the site logs that its
+    session is ready) count in ``site_start``; a site ready before its first task loses nothing."""
+    server = [(4.0, "ServerRunner", "Server runner starting ..."),
+              (20.0, "ServerRunner", "got result from client b for task: name=personalize")]
+    ws = _workspace(tmp_path, server, {"a": _site([(9.0, 11.5), (13.0, 19.0)]),  # ready before its first task
+                                       "b": _site([(10.0, 15.0), (16.0, 19.8)], ready=13.0)})
+    results = {"workspace": str(ws), "clients": {"a": {}, "b": {}},
+               "timing": {"prepare_s": 0.0, "simulator_started_at": T0, "simulator_s": 21.0, "report_s": 0.0}}
+    p = run_phases(results)
+    assert p["site_start"] == pytest.approx(13.0 - 4.0)  # b is ready at 13.0, 3 s into its first task
+    assert p["training_eval"] == pytest.approx(8.5)  # a: 2.5 + 6.0; b: (15.0 - 13.0) + 3.8 = 5.8
+    assert p["hand_off"] == pytest.approx(20.0 - 13.0 - 8.5)
+    (ws / "b" / "log.txt").write_text("\n".join(_line(*x) for x in [x for x in _site([(10.0, 15.0)]) if SESSION_READY not in x[2]]) + "\n")
+    with pytest.raises(ValueError, match=f"b/log.txt: no line with '{SESSION_READY}'"):
+        run_phases(results)

@@ -6,10 +6,12 @@ run's own clock (``results.json``'s ``timing``) and the timestamps of NVFlare's 
 - ``prepare``: the command's work before the simulator starts (data checks, the recipe, the initial checkpoint);
 - ``simulator_start``: from launching NVFlare's simulator to its server's workflow running (process start, imports of
   the server's components);
-- ``site_start``: from then to the moment the last site starts its first task (the site processes' start, their
-  imports, their data);
-- ``training_eval``: what the busiest site spends executing its tasks (local training, validation and test per round,
-  fine-tuning and the final evaluation): the time the run is for;
+- ``site_start``: from then to the moment the last site is ready for its first task (the site processes' start,
+  their imports, their data). A site's task script starts with its first task, so the first task's span holds the
+  script's imports and the session's construction; the site logs :data:`fedoap.site.client.SESSION_READY` when
+  those are done, and the span is split there;
+- ``training_eval``: what the busiest site spends executing its tasks once ready (local training, validation and
+  test per round, fine-tuning and the final evaluation): the time the run is for;
 - ``hand_off``: the rest of the task phase (waiting for the other sites, transfers, aggregation, task polling);
 - ``teardown``: from the last result to the simulator's exit;
 - ``report``: results, tables and figures after it.
@@ -107,11 +109,17 @@ def run_phases(results: Mapping[str, Any]) -> dict[str, float]:
     server = log_events(server_log)
     ready = _first(server, _SERVER_READY, server_log)
     last_result = _last(server, _RESULT, server_log)
+    from fedoap.site.client import SESSION_READY
+
     first_starts, busy = [], []
     for site in results["clients"]:
         site_log = ws / site / "log.txt"
-        spans = _task_spans(log_events(site_log), site_log)
-        first_starts.append(spans[0][0])
+        events = log_events(site_log)
+        spans = _task_spans(events, site_log)
+        # the first task waits for the script's imports and the session: start-up, not training
+        site_ready = min(max(spans[0][0], _first(events, SESSION_READY, site_log)), spans[0][1])
+        spans[0] = (site_ready, spans[0][1])
+        first_starts.append(site_ready)
         busy.append(sum(end - start for start, end in spans))
     started = max(first_starts)
     launched = float(timing["simulator_started_at"])

@@ -13,6 +13,7 @@ carries through NVFlare's tracking writer, and nothing else (:mod:`fedoap.tracki
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Optional, Sequence
@@ -24,7 +25,13 @@ from fedoap.protocol import PERSONALIZE_TASK
 from fedoap.site.session import SiteSession
 from fedoap.tracking import SiteTracker
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "SESSION_READY"]
+
+#: logged once the site's session is built (imports, data, model, trainer): where a site's start-up ends and its
+#: first task's work begins (``fedoap bench overhead`` splits the first task there)
+SESSION_READY = "fedoap site session ready"
+
+logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         torch.set_num_threads(config.training.threads)
     flare.init()
     session = SiteSession(config, flare.get_site_name(), os.getcwd(), flare.get_job_id())
+    logger.info("%s: %s", SESSION_READY, session.site)
     tracker = SiteTracker(None if config.training.tracking == "none" else SummaryWriter())
     while flare.is_running():
         task = flare.receive()
