@@ -130,3 +130,40 @@ def test_the_network_is_built_once_with_the_sites_seed():
     site_model = _config(seed=3).build_model()  # what each site builds from the same configuration
     for key, value in site_model.state_dict().items():
         assert torch.equal(recipe.network.state_dict()[key], value)
+
+
+def test_with_an_initial_checkpoint_the_server_loads_tensors_without_the_network(tmp_path):
+    """The simulator starts the sites only once the server runs: its persistor reads the checkpoint without building
+    the network, so building the server's components (in a fresh process, from the exported config) and starting
+    its run imports no MONAI, and the persistor loads the checkpoint's tensors unchanged."""
+    import subprocess
+    import sys
+
+    import torch
+
+    config = _config(seed=3)
+    ckpt = tmp_path / "initial_model.pt"
+    torch.save(config.build_model().state_dict(), ckpt)
+    FedOAPRecipe(name="ckpt", min_clients=2, config=config, initial_ckpt=str(ckpt)).export(str(tmp_path / "jobs"))
+    server = tmp_path / "jobs" / "ckpt" / "app" / "config" / "config_fed_server.json"
+    (persistor,) = [c for c in json.loads(server.read_text())["components"] if c["id"] == "persistor"]
+    assert persistor["args"].get("model") is None and persistor["args"]["source_ckpt_file_full_name"] == str(ckpt)
+    probe = f"""
+import json, sys
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.fuel.utils.class_utils import instantiate_class
+config = json.load(open({str(server)!r}))
+built = [instantiate_class(c["path"], c["args"]) for c in config["components"] + config["workflows"]]
+persistor = [b for b, c in zip(built, config["components"]) if c["id"] == "persistor"][0]
+ctx = FLContext()
+ctx.set_prop(FLContextKey.APP_ROOT, {str(tmp_path / "app_server")!r}, private=True, sticky=False)
+persistor.handle_event(EventType.START_RUN, ctx)  # as the server's run starts: NVFlare builds a network it was given
+learnable = persistor.load_model(ctx)
+assert "monai" not in sys.modules, sorted(m for m in sys.modules if m.startswith("monai"))[:3]
+print(json.dumps(sorted(learnable["weights"])))
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == sorted(torch.load(ckpt))

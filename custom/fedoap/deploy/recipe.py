@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from nvflare.app_common.executors.client_api_executor import ExecutionMode
+from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 from nvflare.client.config import ExchangeFormat
 from nvflare.job_config.script_runner import ScriptRunner
@@ -89,7 +90,9 @@ class FedOAPRecipe(FedAvgRecipe):
             a site that dies is a dropout, not the end of the job.
         name: job name.
         initial_ckpt: absolute path of the initial global checkpoint (a state dict, e.g. of :attr:`network`); None:
-            the server initializes.
+            the server initializes. With a checkpoint the server's persistor (NVFlare's) is given no network: the
+            server needs the checkpoint's tensors, never the network, so its process skips the network's imports
+            (MONAI), which every site's start waits for in the simulator.
         personalize: run the final fine-tuning and evaluation.
         task_request_interval: seconds a site waits before asking the server for its next task (NVFlare's default
             2 s; a simulation on one machine gains seconds per round with 0.2).
@@ -151,6 +154,8 @@ class FedOAPRecipe(FedAvgRecipe):
             # Tensors travel as they are: no NumPy round trip, and NVFlare's converter (which reshapes a received
             # array to the shape the site last sent under the same key) never touches ciphertext arrays.
             server_expected_format=ExchangeFormat.PYTORCH,
+            model_persistor=PTFileModelPersistor(source_ckpt_file_full_name=initial_ckpt, allow_numpy_conversion=False)
+            if initial_ckpt else None,
         )
         # NVFlare's client-failure tolerance: the job goes on while this many sites are alive (the job's
         # min_clients); the controller still sends every round to all min_clients sites and waits for each
