@@ -49,10 +49,13 @@ _TASK_START = "execute for task"
 _TASK_END = "finished processing task"
 _RESULT = "got result from client"
 
-#: fresh-process imports: what the server and a site load now, and what they loaded before
+#: fresh-process imports: what the server and a site load now, and what they loaded before (the server's persistor
+#: built the network, MONAI's, and the workflow imported Opacus; a site imported Opacus without DP-SGD). A site's
+#: first optimizer step loads ``torch._dynamo`` (PyTorch's optimizers import it), counted on both sides.
 IMPORTS = {
-    "server": ("fedoap.server.controller", "monai, opacus, fedoap.server.controller"),
-    "site": ("fedoap.site.client", "opacus, fedoap.site.client"),
+    "server": ("nvflare.app_opt.pt.file_model_persistor, fedoap.server.controller",
+               "monai, opacus, fedoap.networks, nvflare.app_opt.pt.file_model_persistor, fedoap.server.controller"),
+    "site": ("fedoap.site.client, torch._dynamo", "opacus, fedoap.site.client, torch._dynamo"),
 }
 
 
