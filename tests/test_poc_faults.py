@@ -69,6 +69,25 @@ def _finished(poc, job_id: str) -> Path:
     return poc.download(job_id)
 
 
+def _why(poc, job_id: str) -> str:
+    """What a job that did not complete left: the server's history (status, reason, each round's drop-outs) and the
+    error lines of every participant's log, for the assertion message."""
+    lines = []
+    try:
+        history = json.loads((_finished(poc, job_id) / HISTORY_FILE).read_text())
+        lines.append(f"history: status {history.get('status')!r}, stopped {history.get('stopped_round')}, "
+                     f"dropped per round {[r.get('dropped') for r in history.get('rounds', [])]}")
+    except (AssertionError, OSError, ValueError) as e:
+        lines.append(f"no history: {e}")
+    for participant in [poc.server, *SITES]:
+        log = poc.prod / participant / job_id / "log.txt"
+        if log.is_file():
+            errors = [line for line in log.read_text(errors="replace").splitlines()
+                      if "ERROR" in line or "Exception" in line or "timed out" in line]
+            lines += [f"{participant}: {line}" for line in errors[-8:]]
+    return "\n".join(lines)
+
+
 def _wait_rounds(poc, job_id: str, n: int, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while len(_history(poc, job_id).get("rounds", [])) < n:
@@ -145,10 +164,12 @@ def test_a_server_killed_mid_job_is_resumed_by_a_resubmitted_job(poc):
     assert not pids_with("runner_process", interrupted)
 
     # both sites must take part (they reconnect to the restarted server on their own): NVFlare schedules the job once
-    # its min_clients are connected
-    resumed = poc.submit(_export(poc, "resumed", "fedoap", "--resume-from", interrupted, "--min-responses", "2"))
+    # its min_clients are connected. The fault under test is the server's, so a round waits 90 s: a slow first round
+    # (every site's job process starts, imports and loads its state in it) is no drop-out that stops the job.
+    resumed = poc.submit(_export(poc, "resumed", "fedoap", "--resume-from", interrupted, "--min-responses", "2",
+                                 "--round-timeout", "90"))
     meta = poc.wait(resumed)
-    assert meta["status"] == "FINISHED:COMPLETED", meta
+    assert meta["status"] == "FINISHED:COMPLETED", f"{meta['status']}\n{_why(poc, resumed)}"
     history = json.loads((_finished(poc, resumed) / HISTORY_FILE).read_text())
     assert history["resumed"][0]["from_round"] == 0 and history["completed_rounds"] == 3
     assert len(history["rounds"]) == 3  # round 1 from the interrupted job, rounds 2 and 3 from this one
