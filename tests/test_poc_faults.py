@@ -70,17 +70,21 @@ def _finished(poc, job_id: str) -> Path:
 
 
 def _why(poc, job_id: str) -> str:
-    """What a job that did not complete left: the server's history (status, reason, each round's drop-outs) and the
-    error lines of every participant's log, for the assertion message."""
+    """Why a job did not end as expected, for an assertion message: the server's history (status, the round it stopped
+    in, each round's drop-outs) and the error lines of the server's log and every site's log."""
+    try:
+        server = _finished(poc, job_id)  # NVFlare removes the server's run folder when a job ends: the download
+    except AssertionError as e:
+        return f"job {job_id} could not be downloaded: {e}"
     lines = []
     try:
-        history = json.loads((_finished(poc, job_id) / HISTORY_FILE).read_text())
+        history = json.loads((server / HISTORY_FILE).read_text())
         lines.append(f"history: status {history.get('status')!r}, stopped {history.get('stopped_round')}, "
                      f"dropped per round {[r.get('dropped') for r in history.get('rounds', [])]}")
-    except (AssertionError, OSError, ValueError) as e:
+    except (OSError, ValueError) as e:
         lines.append(f"no history: {e}")
-    for participant in [poc.server, *SITES]:
-        log = poc.prod / participant / job_id / "log.txt"
+    logs = {poc.server: server / "log.txt", **{site: poc.prod / site / job_id / "log.txt" for site in SITES}}
+    for participant, log in logs.items():
         if log.is_file():
             errors = [line for line in log.read_text(errors="replace").splitlines()
                       if "ERROR" in line or "Exception" in line or "timed out" in line]
