@@ -1,15 +1,17 @@
 """The per-sample gradient rules of ``fedoap.privacy.grad_samplers``: for transposed convolutions (1D, 2D, 3D,
 groups, stride, padding, output padding, dilation) and 2D convolutions (the kernels, strides and paddings of the
-UNets, and the cases left to Opacus's rule), every sample's gradient equals the one autograd gives for that sample
-alone; an empty draw gives zeros; DP-SGD's hooks on a real network use the rules (not the ``torch.func`` fallback)
-and store every parameter's exact per-sample gradients; and a DP-SGD step with them equals one of Opacus as shipped."""
+UNets, on outputs narrow enough to be unfolded and wide enough for shifted slices, and the cases left to Opacus's
+rule), every sample's gradient equals the one autograd gives for that sample alone; an empty draw gives zeros; DP-SGD's
+hooks on a real network use the rules (not the ``torch.func`` fallback) and store every parameter's exact per-sample
+gradients; and a DP-SGD step with them equals one of Opacus as shipped."""
 
 import pytest
 import torch
 from opacus.grad_sample import GradSampleModule
 from torch import nn
 
-from fedoap.privacy.grad_samplers import REGISTERED, conv2d_grad_sample, conv_transpose_grad_sample, stock_opacus
+from fedoap.privacy.grad_samplers import (REGISTERED, SHIFTED_MIN_WIDTH, conv2d_grad_sample, conv_transpose_grad_sample,
+                                          stock_opacus)
 
 CASES = [  # (class, input shape without the batch, layer arguments)
     (nn.ConvTranspose2d, (4, 5, 5), dict(in_channels=4, out_channels=6, kernel_size=2, stride=2)),  # MONAI's deconv
@@ -67,6 +69,25 @@ def test_rule_equals_each_samples_own_gradient(cls, shape, kwargs):
 def test_conv2d_rule_equals_each_samples_own_gradient(kwargs):
     torch.manual_seed(0)
     assert_rule_matches_autograd(conv2d_grad_sample, nn.Conv2d(**kwargs), (kwargs["in_channels"], 7, 6))
+
+
+#: stride-1 undilated convolutions whose outputs are wide enough for the shifted-slice path (no unfolding)
+SHIFTED_CASES = [
+    dict(in_channels=3, out_channels=5, kernel_size=3, padding=1),  # the UNets' convolutions
+    dict(in_channels=2, out_channels=3, kernel_size=(3, 2), padding=(2, 0)),  # rectangular, padding taller than wide
+    dict(in_channels=2, out_channels=4, kernel_size=(2, 3), padding=(0, 1), bias=False),
+    dict(in_channels=3, out_channels=2, kernel_size=5, padding=2),
+    dict(in_channels=3, out_channels=2, kernel_size=3),  # no padding: the output is narrower than the input
+]
+
+
+@pytest.mark.parametrize("kwargs", SHIFTED_CASES, ids=[str(i) for i in range(len(SHIFTED_CASES))])
+def test_conv2d_shifted_slices_equal_each_samples_own_gradient(kwargs):
+    torch.manual_seed(0)
+    layer = nn.Conv2d(**kwargs)
+    shape = (kwargs["in_channels"], 9, SHIFTED_MIN_WIDTH + 3)
+    assert layer(torch.zeros(1, *shape)).shape[-1] >= SHIFTED_MIN_WIDTH  # the case takes the shifted path
+    assert_rule_matches_autograd(conv2d_grad_sample, layer, shape)
 
 
 def test_empty_draw_gives_zero_gradients_of_the_right_shape():
