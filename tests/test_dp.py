@@ -474,3 +474,64 @@ def test_dp_sgd_has_its_own_batch_and_learning_rate_and_fine_tuning_keeps_the_pl
         DPSGDConfig(noise_multiplier=1.0, batch_size=0)
     with pytest.raises(ValueError, match="dp_lr"):
         TrainConfig(dp_lr=-1.0)
+
+
+def test_the_trainers_dp_sgd_step_equals_one_of_opacus_as_shipped(monkeypatch):
+    """Under DP-SGD the trainer's backward pass asks autograd for the images' gradient only (the weights' batch
+    gradients would be thrown away by DP-SGD's optimizer); with the same batch, clipping active and no noise, its step
+    lands where Opacus as shipped lands: its own per-sample rules, ``loss.backward()`` and its ``DPOptimizer``."""
+    from opacus import PrivacyEngine
+    from opacus.optimizers import DPOptimizer
+
+    from fedoap.privacy.grad_samplers import stock_opacus
+
+    g = np.random.default_rng(0)
+    images = g.random((6, 1, 32, 32))  # float64 throughout: the two steps differ by rounding only
+    labels = (g.random((6, 1, 32, 32)) > 0.8).astype(np.float64)
+    split = SliceSet(images=images, labels=labels, case_ids=[f"c{i}" for i in range(6)])
+    config = TrainConfig(batch_size=3, lr=1e-2, augment=False)
+    batch = torch.tensor([0, 2, 5])
+    torch.manual_seed(0)
+    model = FedOAPNet(channels=(2, 4, 4, 8), bottleneck_channels=8).double()
+    reference, initial = copy.deepcopy(model), copy.deepcopy(model)
+    method = FedOAP(head_prior_init=False)
+    trainer = LocalTrainer(model, method, split, split, config, dp=DPSGDConfig(noise_multiplier=0.0,
+                                                                                max_grad_norm=0.05))
+    monkeypatch.setattr(trainer, "_index_batches", lambda optimizer: iter([batch]))
+    trainer._epoch(trainer.loss_fn, trainer.optimizer, federated=True)
+
+    with stock_opacus():
+        optimizer = method.make_round_optimizer(reference.parameters(), config.lr, config.weight_decay)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(6)), batch_size=3)
+        reference, _, _ = PrivacyEngine().make_private(module=reference, optimizer=optimizer, data_loader=loader,
+                                                       noise_multiplier=0.0, max_grad_norm=0.05, poisson_sampling=False)
+        optimizer = DPOptimizer(optimizer, noise_multiplier=0.0, max_grad_norm=0.05,
+                                expected_batch_size=trainer.dp.expected_batch_size, loss_reduction="mean")
+        optimizer.zero_grad(set_to_none=True)
+        x, y = torch.from_numpy(images[batch.numpy()]), torch.from_numpy(labels[batch.numpy()])
+        per_sample_loss(method.train_loss())(reference(x), y).backward()
+        norms = torch.stack([p.grad_sample.flatten(1).norm(dim=1) for p in reference.parameters()]).norm(dim=0)
+        assert (norms > 0.05).all()  # every sample is clipped: the step depends on each per-sample gradient
+        optimizer.step()
+    for (name, p), q in zip(reference._module.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12, msg=name)
+    assert any(not torch.equal(q, p) for q, p in zip(model.parameters(), initial.parameters()))  # it stepped
+
+
+def test_fine_tuning_after_dp_sgd_rounds_moves_the_weights():
+    """The fine-tuning that follows DP-SGD rounds runs a plain optimizer with the hooks paused: unlike a DP-SGD step,
+    its steps need the weights' own gradients (``loss.backward()``), and every weight it trains moves."""
+    g = np.random.default_rng(0)
+    images = g.random((6, 1, 32, 32), dtype=np.float32)
+    split = SliceSet(images=images, labels=(images > 0.8).astype(np.float32), case_ids=[f"c{i}" for i in range(6)])
+    torch.manual_seed(0)
+    trainer = LocalTrainer(FedOAPNet(channels=(2, 4, 4, 8), bottleneck_channels=8), FedOAP(), split, split,
+                           TrainConfig(batch_size=3, augment=False), dp=DPSGDConfig(noise_multiplier=1.0))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with trainer.dp.paused():
+        _, steps, _ = trainer._epoch(trainer.method.finetune_loss(), trainer._finetune_optimizer())
+    assert steps == 2
+    after = trainer.model.state_dict()
+    still = [name for name, p in trainer.model.named_parameters() if p.requires_grad and torch.equal(after[name],
+                                                                                                     before[name])]
+    assert not still

@@ -19,9 +19,10 @@ sampling, per-image loss; fp32 and channels-last, the options Opacus allows; its
 the same noise drawn inside the step, the ``os_seeded`` torch noise, Opacus's kind, and once with Opacus's own
 per-sample rules only, without :mod:`fedoap.privacy.grad_samplers`) against a textbook Opacus loop
 (``PrivacyEngine.make_private``) and Opacus's ghost clipping (``grad_sample_mode="ghost"``), both Opacus as shipped,
-same network, batch and noise. The first epoch of every configuration is warm-up (compilation happens there) and is
-not counted; the median of the other epochs is reported, with the device (a CPU-only machine measures what the CPU
-gains).
+same network, batch and noise; the DP-SGD configurations are timed round-robin, one epoch each in turn, so that a
+shared machine's slow spells fall on all of them alike. The first epoch of every configuration is warm-up
+(compilation happens there) and is not counted; the median of the other epochs is reported, with the device (a
+CPU-only machine measures what the CPU gains).
 """
 
 from __future__ import annotations
@@ -173,12 +174,41 @@ def _round_images(trainer: Any) -> int:
     return round(stats["images_per_s"] * stats["train_seconds"])
 
 
+def _interleaved_rates(epochs: Mapping[str, Callable[[], int]], repeats: int,
+                       device: torch.device) -> dict[str, Any]:
+    """Images/s of every configuration's epoch (which returns the images it trained on), measured round-robin: one
+    warm-up epoch each, then ``repeats`` rounds in which each configuration runs one epoch in turn; the median per
+    configuration. A machine's slow spells (a shared VM's neighbours) then fall on every configuration alike instead
+    of on whichever ran during them, so the ratios hold when the absolute rates drift. A configuration that raises is
+    reported by its one-line error and leaves the rotation."""
+    rates: dict[str, list[float]] = {name: [] for name in epochs}
+    errors: dict[str, str] = {}
+    for i in range(repeats + 1):
+        for name, epoch in epochs.items():
+            if name in errors:
+                continue
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    start = time.perf_counter()
+                    n = epoch()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+            except Exception as err:  # noqa: BLE001
+                errors[name] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+                continue
+            if i:
+                rates[name].append(n / (time.perf_counter() - start))
+    return {name: errors.get(name) or float(np.median(rates[name])) for name in epochs}
+
+
 def dp_rows(run: RunConfig, train: SliceSet, val: SliceSet, epochs: int = 2, noise_multiplier: float = 1.0,
             max_grad_norm: float = 1.0) -> list[dict[str, Any]]:
-    """DP-SGD images/s (images Poisson sampling drew): the sites' trainer (fp32, channels-last, os_seeded noise, and
-    without our per-sample rules) against a textbook Opacus loop (``PrivacyEngine.make_private``, hooks) and Opacus's
-    ghost clipping, both Opacus as shipped, same network, batch, optimizer and noise. A loop Opacus refuses records
-    its one-line error."""
+    """DP-SGD images/s (images Poisson sampling drew): the sites' trainer (fp32, channels-last, os_seeded noise, the
+    noise drawn inside the step, without our per-sample rules, and computing the weights' batch gradients too)
+    against a textbook Opacus loop (``PrivacyEngine.make_private``, hooks) and Opacus's ghost clipping, both Opacus as
+    shipped, same network, batch, optimizer and noise; every configuration built first, then timed round-robin
+    (:func:`_interleaved_rates`, ``epochs`` rounds). A loop Opacus refuses records its one-line error."""
     from opacus import PrivacyEngine
 
     from fedoap.privacy.dp import DPSGDConfig, per_sample_loss
@@ -188,42 +218,49 @@ def dp_rows(run: RunConfig, train: SliceSet, val: SliceSet, epochs: int = 2, noi
     t = run.training
     base = replace(run.training.train_config(), local_epochs=1, finetune_epochs=0, precision="fp32", compile=False)
     dev = torch.device(base.device)
-    rows: list[dict[str, Any]] = []
+    built: dict[str, Any] = {}
 
-    def record(name: str, rate: Callable[[], float]) -> None:
+    def build(name: str, make: Callable[[], Callable[[], int]]) -> None:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                rows.append({"config": name, "images_per_s": rate()})
+                built[name] = make()
         except Exception as err:  # noqa: BLE001
-            rows.append({"config": name, "error": f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"})
+            built[name] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
 
-    def ours(channels_last: bool, noise_source: str = "chacha20", rules: bool = True, prefetch: bool = True) -> float:
+    def stock(epoch: Callable[[], int]) -> Callable[[], int]:
+        """Opacus as shipped while ``epoch`` runs (models made private inside the block train inside it)."""
+        def run_stock() -> int:
+            with stock_opacus():
+                return epoch()
+        return run_stock
+
+    def ours(channels_last: bool, noise_source: str = "chacha20", rules: bool = True, prefetch: bool = True,
+             to_images: bool = True) -> Callable[[], int]:
         with contextlib.nullcontext() if rules else stock_opacus():
             model, method = _fresh(run)
             trainer = LocalTrainer(model, method, train, val, replace(base, channels_last=channels_last),
                                    dp=DPSGDConfig(max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier,
                                                   noise_source=noise_source, noise_prefetch=prefetch))
-            return _median_rate(lambda: _round_images(trainer), epochs, dev)
+        trainer.dp_backward_to_images = to_images
+        epoch = lambda: _round_images(trainer)  # noqa: E731
+        return epoch if rules else stock(epoch)
 
-    def opacus(mode: str) -> float:
+    def opacus(mode: str) -> Callable[[], int]:
         with stock_opacus():  # Opacus as shipped: the reference has none of our per-sample rules
-            return _opacus(mode)
-
-    def _opacus(mode: str) -> float:
-        model, method = _fresh(run)
-        model = model.to(dev)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=base.weight_decay)
-        dataset = torch.utils.data.TensorDataset(torch.from_numpy(train.images), torch.from_numpy(train.labels))
-        loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size)
-        common = {"module": model, "optimizer": optimizer, "data_loader": loader,
-                  "noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm, "grad_sample_mode": mode}
-        if mode == "ghost":  # the loss wrapper runs the two backward passes of fast gradient clipping
-            model, optimizer, criterion, loader = PrivacyEngine().make_private(criterion=method.train_loss(),
-                                                                               **common)
-        else:
-            model, optimizer, loader = PrivacyEngine().make_private(**common)
-            criterion = per_sample_loss(method.train_loss())
+            model, method = _fresh(run)
+            model = model.to(dev)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=base.weight_decay)
+            dataset = torch.utils.data.TensorDataset(torch.from_numpy(train.images), torch.from_numpy(train.labels))
+            loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size)
+            common = {"module": model, "optimizer": optimizer, "data_loader": loader,
+                      "noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm, "grad_sample_mode": mode}
+            if mode == "ghost":  # the loss wrapper runs the two backward passes of fast gradient clipping
+                model, optimizer, criterion, loader = PrivacyEngine().make_private(criterion=method.train_loss(),
+                                                                                   **common)
+            else:
+                model, optimizer, loader = PrivacyEngine().make_private(**common)
+                criterion = per_sample_loss(method.train_loss())
 
         def epoch() -> int:
             model.train()
@@ -238,15 +275,23 @@ def dp_rows(run: RunConfig, train: SliceSet, val: SliceSet, epochs: int = 2, noi
                 seen += len(images)
             return seen
 
-        return _median_rate(epoch, epochs, dev)
+        return stock(epoch)
 
-    record("dp-sgd trainer fp32", lambda: ours(False))
-    record("dp-sgd trainer channels-last", lambda: ours(True))
-    record("dp-sgd trainer os_seeded noise", lambda: ours(False, "os_seeded"))  # Opacus's kind of noise
-    record("dp-sgd trainer, noise drawn in the step", lambda: ours(False, prefetch=False))  # no draw ahead
-    record("dp-sgd trainer, stock Opacus rules", lambda: ours(False, rules=False))  # Opacus's own per-sample rules
-    record("opacus loop (hooks)", lambda: opacus("hooks"))
-    record("opacus loop (ghost clipping)", lambda: opacus("ghost"))
+    build("dp-sgd trainer fp32", lambda: ours(False))
+    build("dp-sgd trainer channels-last", lambda: ours(True))
+    build("dp-sgd trainer os_seeded noise", lambda: ours(False, "os_seeded"))  # Opacus's kind of noise
+    build("dp-sgd trainer, noise drawn in the step", lambda: ours(False, prefetch=False))  # no draw ahead
+    build("dp-sgd trainer, stock Opacus rules", lambda: ours(False, rules=False))  # Opacus's own per-sample rules
+    # loss.backward(): autograd also computes the weights' batch gradients, which DP-SGD's optimizer throws away
+    build("dp-sgd trainer, weights' batch gradients too", lambda: ours(False, to_images=False))
+    build("opacus loop (hooks)", lambda: opacus("hooks"))
+    build("opacus loop (ghost clipping)", lambda: opacus("ghost"))
+    rates = _interleaved_rates({k: v for k, v in built.items() if callable(v)}, epochs, dev)
+    rows: list[dict[str, Any]] = []
+    for name, made in built.items():
+        result = rates.get(name, made)
+        rows.append({"config": name, "error": result} if isinstance(result, str) else
+                    {"config": name, "images_per_s": result})
     reference = next((r["images_per_s"] for r in rows if r["config"] == "opacus loop (hooks)" and "images_per_s" in r),
                      None)
     for r in rows:
@@ -270,15 +315,16 @@ def print_speed_tables(speed: list[dict[str, Any]], dp: list[dict[str, Any]]) ->
         print(f"{r['config']:<28} {r['trainer_images_per_s']:>14.1f} {r['plain_images_per_s']:>12.1f} "
               f"{r['ratio_trainer_over_plain']:>7.2f}")
     if dp:
-        header = f"{'DP-SGD':<30} {'img/s':>10} {'vs Opacus loop':>15}"
+        width = max(len(r["config"]) for r in dp)
+        header = f"{'DP-SGD':<{width}} {'img/s':>10} {'vs Opacus loop':>15}"
         print(header)
         print("-" * len(header))
         for r in dp:
             if "error" in r:
-                print(f"{r['config']:<30} {r['error']}")
+                print(f"{r['config']:<{width}} {r['error']}")
                 continue
             ratio = r.get("ratio_over_opacus_loop")
-            print(f"{r['config']:<30} {r['images_per_s']:>10.1f} {'' if ratio is None else f'{ratio:.2f}':>15}")
+            print(f"{r['config']:<{width}} {r['images_per_s']:>10.1f} {'' if ratio is None else f'{ratio:.2f}':>15}")
 
 
 def bench_train(run: RunConfig, federation: FederationOptions, out: str | os.PathLike) -> dict[str, Any]:

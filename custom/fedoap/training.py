@@ -134,6 +134,10 @@ class LocalTrainer:
             speed option Opacus cannot serve (:func:`speed_dp_sgd_conflict`: compile, bf16).
     """
 
+    #: under DP-SGD, aim each step's backward pass at the images only (see :meth:`_epoch`); ``fedoap bench train``
+    #: turns it off on one trainer to time what it saves
+    dp_backward_to_images: bool = True
+
     def __init__(
         self,
         model: nn.Module,
@@ -278,14 +282,20 @@ class LocalTrainer:
         self.method.load_site_state(model, state["method"])
 
     # -- training ----------------------------------------------------------------------------------------------------
+    def _is_private(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether ``optimizer`` takes DP-SGD steps (the federated rounds under DP-SGD; not the fine-tuning, whose
+        plain optimizer runs with the hooks paused)."""
+        if self.dp is None:
+            return False
+        from opacus.optimizers import DPOptimizer
+
+        return isinstance(optimizer, DPOptimizer)
+
     def _index_batches(self, optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
         """Shuffled minibatches from the seeded generator; under DP-SGD, Poisson-sampled ones (slices or cases) from
         the OS's randomness, at the rate the accountant was told."""
-        if self.dp is not None:
-            from opacus.optimizers import DPOptimizer
-
-            if isinstance(optimizer, DPOptimizer):
-                return self.dp.batches(optimizer)
+        if self._is_private(optimizer):
+            return self.dp.batches(optimizer)
         n, b = len(self.train_set), self.config.batch_size
         order = torch.randperm(n, generator=self.generator)
         return (order[start : start + b] for start in range(0, n, b))
@@ -310,12 +320,15 @@ class LocalTrainer:
         regularize = federated and self.method.has_regularizer
         scale_steps = federated and self.method.has_step_scale
         total, steps, images_seen = 0.0, 0, 0
+        aim_at_images = self.dp_backward_to_images and self._is_private(optimizer)
         for idx in self._index_batches(optimizer):
             images, labels = self._train_images[idx], self._train_labels[idx]
             if self.config.augment:
                 images, labels = random_flip(images, labels, self.generator)
             scale = self.method.batch_step_scale(labels) if scale_steps else None
             images, labels = self._to_device(images), self._to_device(labels)
+            if aim_at_images:
+                images.requires_grad_(True)  # see below: a DP-SGD step's backward pass aims at the images
             if federated:
                 self.method.begin_step(self.model, first_step + steps, self.steps_per_round)
             optimizer.zero_grad(set_to_none=True)
@@ -329,7 +342,14 @@ class LocalTrainer:
                 extra = self.method.regularizer(self.model)
                 if extra is not None:
                     loss = loss + extra
-            loss.backward()
+            if aim_at_images:
+                # DP-SGD's optimizer replaces every weight's gradient by the noised sum of its clipped per-sample
+                # gradients (which Opacus's hooks compute from each layer's input and output gradient), so the batch
+                # gradients of the weights that loss.backward() would also compute are thrown away: asking autograd
+                # for the images' gradient alone runs every layer's backward (and hook) without them
+                torch.autograd.grad(loss, images)
+            else:
+                loss.backward()
             if scale is None:
                 optimizer.step()
             else:
