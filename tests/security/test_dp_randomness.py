@@ -109,6 +109,19 @@ def test_secure_normal_is_normal_with_the_requested_std():
     assert secure_normal((3, 4), 1.0).dtype == torch.float32 and secure_normal((3, 4), 1.0).shape == (3, 4)
 
 
+def test_secure_normal_draws_whatever_bytes_the_os_gives(monkeypatch):
+    """The OS's bytes key the stream and fill its nonce, never its block counter: with the worst bytes (all 0xff, which
+    as a counter leaves one 64-byte block before it wraps) a draw of a million values still comes out, normal. A counter
+    taken from the OS made a draw fail with probability blocks / 2**32 (DP-SGD jobs stopped at random steps)."""
+    import fedoap.privacy.secure_random as secure_random
+
+    monkeypatch.setattr(secure_random.os, "urandom", lambda n: b"\xff" * n)
+    x = secure_normal((1_000_000,), 1.0, dtype=torch.float64).numpy()
+    assert np.isfinite(x).all() and x.std() == pytest.approx(1.0, rel=0.01)
+    with pytest.raises(ValueError, match="exceed one stream"):
+        secure_normal((1 << 34,), 1.0)  # refused before anything is allocated
+
+
 def tiny_split(n: int, size: int = 32, slices_per_case: int = 1) -> SliceSet:
     g = np.random.default_rng(0)
     images = g.random((n, 1, size, size), dtype=np.float32)

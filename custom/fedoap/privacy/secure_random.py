@@ -32,6 +32,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 __all__ = ["secure_normal", "os_seeded_generator", "reseed"]
 
 _CHUNK = 1 << 20  # normals per cipher call: bounds the temporary memory to ~40 MB whatever the tensor's size
+_COUNTER_START = bytes(4)  # the stream's first block counter (little endian): 0
+_BYTES_PER_VALUE = 32  # four normals per value, each half of a Box-Muller pair of two 8-byte uniforms
+_MAX_VALUES = (1 << 32) * 64 // _BYTES_PER_VALUE  # what one stream can give before its 32-bit block counter wraps
 _TWO_PI = 2.0 * math.pi
 
 
@@ -59,17 +62,24 @@ def secure_normal(shape: Sequence[int] | torch.Size, std: float, dtype: torch.dt
         dtype: a floating-point dtype of the result.
 
     Raises:
-        ValueError: ``std`` is negative or not finite, or ``dtype`` is not floating point.
+        ValueError: ``std`` is negative or not finite, ``dtype`` is not floating point, or more values than one stream
+            gives (8 G).
     """
     if not isinstance(std, (int, float)) or isinstance(std, bool) or not math.isfinite(std) or std < 0:
         raise ValueError(f"std must be a finite number >= 0, got {std!r}")
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be floating point, got {dtype}")
     n = int(np.prod(tuple(shape), dtype=np.int64))
+    if n > _MAX_VALUES:
+        raise ValueError(f"shape {tuple(shape)}: {n} values exceed one stream's {_MAX_VALUES}; draw in parts")
     out = torch.empty(n, dtype=dtype)
     if std == 0 or n == 0:
         return out.zero_().reshape(tuple(shape))
-    stream = Cipher(algorithms.ChaCha20(os.urandom(32), os.urandom(16)), mode=None).encryptor()
+    # cryptography's 16-byte ChaCha20 nonce is RFC 7539's 32-bit little-endian block counter, then a 96-bit nonce: the
+    # counter starts at 0 (a random one started within the draw's length of 2**32 with probability blocks / 2**32,
+    # and the cipher then refuses to go on: 0.6% of the steps of the authors' 49.5 M-parameter network), which leaves
+    # 2**32 blocks (256 GiB, 8 G values) per call; the key is fresh per call, the random nonce is extra
+    stream = Cipher(algorithms.ChaCha20(os.urandom(32), _COUNTER_START + os.urandom(12)), mode=None).encryptor()
     for start in range(0, n, _CHUNK):
         m = min(_CHUNK, n - start)
         total = _standard_normals(stream, m)
