@@ -177,8 +177,8 @@ def _round_images(trainer: Any) -> int:
 def _interleaved_rates(epochs: Mapping[str, Callable[[], int]], repeats: int,
                        device: torch.device) -> dict[str, Any]:
     """Images/s of every configuration's epoch (which returns the images it trained on), measured round-robin: one
-    warm-up epoch each, then ``repeats`` rounds in which each configuration runs one epoch in turn; the median per
-    configuration. A machine's slow spells (a shared VM's neighbours) then fall on every configuration alike instead
+    warm-up epoch each, then ``repeats`` rounds in which each configuration runs one epoch in turn; per configuration
+    the median and every counted epoch's rate (``{"median", "epochs"}``). A machine's slow spells (a shared VM's neighbours) then fall on every configuration alike instead
     of on whichever ran during them, so the ratios hold when the absolute rates drift. A configuration that raises is
     reported by its one-line error and leaves the rotation."""
     rates: dict[str, list[float]] = {name: [] for name in epochs}
@@ -199,7 +199,8 @@ def _interleaved_rates(epochs: Mapping[str, Callable[[], int]], repeats: int,
                 continue
             if i:
                 rates[name].append(n / (time.perf_counter() - start))
-    return {name: errors.get(name) or float(np.median(rates[name])) for name in epochs}
+    return {name: errors.get(name) or {"median": float(np.median(rates[name])), "epochs": rates[name]}
+            for name in epochs}
 
 
 def dp_rows(run: RunConfig, train: SliceSet, val: SliceSet, epochs: int = 2, noise_multiplier: float = 1.0,
@@ -291,7 +292,7 @@ def dp_rows(run: RunConfig, train: SliceSet, val: SliceSet, epochs: int = 2, noi
     for name, made in built.items():
         result = rates.get(name, made)
         rows.append({"config": name, "error": result} if isinstance(result, str) else
-                    {"config": name, "images_per_s": result})
+                    {"config": name, "images_per_s": result["median"], "images_per_s_epochs": result["epochs"]})
     reference = next((r["images_per_s"] for r in rows if r["config"] == "opacus loop (hooks)" and "images_per_s" in r),
                      None)
     for r in rows:

@@ -49,9 +49,9 @@ TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 #: the layer types this module has rules for (a benchmark puts Opacus's own back to time stock Opacus)
 REGISTERED = (*TRANSPOSED, nn.Conv2d)
 _REGISTRY = GradSampleHooks.GRAD_SAMPLERS
-#: the narrowest output (columns) for which a 2D convolution's rule uses shifted slices instead of unfolding; measured
-#: on a CPU (``fedoap bench train``'s DP-SGD rows): 4x faster at 64 columns, 1.25x at 8, slower at 4 (padding each
-#: row of ``dL/dy`` to the input's width is then half the work)
+#: the narrowest output (columns) for which a 2D convolution's rule uses shifted slices instead of unfolding: below
+#: it, padding each row of ``dL/dy`` to the input's width (2 more columns for a 3 x 3 kernel) is a large share of the
+#: products, and the unfolded copies are small anyway
 SHIFTED_MIN_WIDTH = 8
 #: what Opacus itself registered for those types (None: nothing, the torch.func fallback)
 _STOCK = {t: _REGISTRY.get(t) for t in REGISTERED}
