@@ -16,8 +16,9 @@ against the best plain PyTorch loop of the same network, data, batch and optimiz
 memory, a random permutation per epoch, no ``DataLoader``, no flips; ``torch.compile(model)``, autocast around the
 forward, the loss in fp32). Then DP-SGD (:func:`dp_rows`): the trainer's DP-SGD (Opacus hooks in place, Poisson
 sampling, per-image loss; fp32 and channels-last, the options Opacus allows; its default ChaCha20 noise drawn ahead,
-the same noise drawn inside the step, the ``os_seeded`` torch noise, Opacus's kind, and once with Opacus's own
-per-sample rules only, without :mod:`fedoap.privacy.grad_samplers`) against a textbook Opacus loop
+the same noise drawn inside the step, the ``os_seeded`` torch noise, Opacus's kind, once with Opacus's own
+per-sample rules only, without :mod:`fedoap.privacy.grad_samplers`, and once computing the weights' batch gradients
+with ``loss.backward()``) against a textbook Opacus loop
 (``PrivacyEngine.make_private``) and Opacus's ghost clipping (``grad_sample_mode="ghost"``), both Opacus as shipped,
 same network, batch and noise; the DP-SGD configurations are timed round-robin, one epoch each in turn, so that a
 shared machine's slow spells fall on all of them alike. The first epoch of every configuration is warm-up
