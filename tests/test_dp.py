@@ -504,7 +504,8 @@ def test_the_trainers_dp_sgd_step_equals_one_of_opacus_as_shipped(monkeypatch):
         optimizer = method.make_round_optimizer(reference.parameters(), config.lr, config.weight_decay)
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(6)), batch_size=3)
         reference, _, _ = PrivacyEngine().make_private(module=reference, optimizer=optimizer, data_loader=loader,
-                                                       noise_multiplier=0.0, max_grad_norm=0.05, poisson_sampling=False)
+                                                       noise_multiplier=0.0, max_grad_norm=0.05,
+                                                       poisson_sampling=False)
         optimizer = DPOptimizer(optimizer, noise_multiplier=0.0, max_grad_norm=0.05,
                                 expected_batch_size=trainer.dp.expected_batch_size, loss_reduction="mean")
         optimizer.zero_grad(set_to_none=True)

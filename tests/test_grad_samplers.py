@@ -1,17 +1,17 @@
 """The per-sample gradient rules of ``fedoap.privacy.grad_samplers``: for transposed convolutions (1D, 2D, 3D,
 groups, stride, padding, output padding, dilation) and 2D convolutions (the kernels, strides and paddings of the
 UNets, on outputs narrow enough to be unfolded and wide enough for shifted slices, and the cases left to Opacus's
-rule), every sample's gradient equals the one autograd gives for that sample alone; an empty draw gives zeros; DP-SGD's
-hooks on a real network use the rules (not the ``torch.func`` fallback) and store every parameter's exact per-sample
-gradients; and a DP-SGD step with them equals one of Opacus as shipped."""
+rule), every sample's gradient equals the one autograd gives for that sample alone; an empty draw gives zeros;
+DP-SGD's hooks on a real network use the rules (not the ``torch.func`` fallback) and store every parameter's exact
+per-sample gradients; and a DP-SGD step with them equals one of Opacus as shipped."""
 
 import pytest
 import torch
 from opacus.grad_sample import GradSampleModule
 from torch import nn
 
-from fedoap.privacy.grad_samplers import (REGISTERED, SHIFTED_MIN_WIDTH, conv2d_grad_sample, conv_transpose_grad_sample,
-                                          stock_opacus)
+from fedoap.privacy.grad_samplers import (REGISTERED, SHIFTED_MIN_WIDTH, conv2d_grad_sample,
+                                          conv_transpose_grad_sample, stock_opacus)
 
 CASES = [  # (class, input shape without the batch, layer arguments)
     (nn.ConvTranspose2d, (4, 5, 5), dict(in_channels=4, out_channels=6, kernel_size=2, stride=2)),  # MONAI's deconv

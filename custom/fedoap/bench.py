@@ -179,9 +179,10 @@ def _interleaved_rates(epochs: Mapping[str, Callable[[], int]], repeats: int,
                        device: torch.device) -> dict[str, Any]:
     """Images/s of every configuration's epoch (which returns the images it trained on), measured round-robin: one
     warm-up epoch each, then ``repeats`` rounds in which each configuration runs one epoch in turn; per configuration
-    the median and every counted epoch's rate (``{"median", "epochs"}``). A machine's slow spells (a shared VM's neighbours) then fall on every configuration alike instead
-    of on whichever ran during them, so the ratios hold when the absolute rates drift. A configuration that raises is
-    reported by its one-line error and leaves the rotation."""
+    the median and every counted epoch's rate (``{"median", "epochs"}``). A machine's slow spells (a shared VM's
+    neighbours) then fall on every configuration alike instead of on whichever ran during them, so the ratios hold
+    better when the absolute rates drift. A configuration that raises is reported by its one-line error and leaves the
+    rotation."""
     rates: dict[str, list[float]] = {name: [] for name in epochs}
     errors: dict[str, str] = {}
     for i in range(repeats + 1):

@@ -110,9 +110,10 @@ def test_secure_normal_is_normal_with_the_requested_std():
 
 
 def test_secure_normal_draws_whatever_bytes_the_os_gives(monkeypatch):
-    """The OS's bytes key the stream and fill its nonce, never its block counter: with the worst bytes (all 0xff, which
-    as a counter leaves one 64-byte block before it wraps) a draw of a million values still comes out, normal. A counter
-    taken from the OS made a draw fail with probability blocks / 2**32 (DP-SGD jobs stopped at random steps)."""
+    """The OS's bytes key the stream and fill its nonce, never its block counter: with the worst bytes (all 0xff,
+    which as a counter leaves one 64-byte block before it wraps) a draw of a million values still comes out, normal.
+    A counter taken from the OS made a draw fail with probability blocks / 2**32 (DP-SGD jobs stopped at random
+    steps)."""
     import fedoap.privacy.secure_random as secure_random
 
     monkeypatch.setattr(secure_random.os, "urandom", lambda n: b"\xff" * n)

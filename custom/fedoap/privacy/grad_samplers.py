@@ -25,9 +25,10 @@ input window of kernel position ``(a, b)`` is the contiguous slice at offset ``a
 is one batched product over views (the padding columns of ``dL/dy`` are zero, so what the slice reads past a row's
 end adds nothing). Narrower outputs (where padding to ``Wp`` wastes more than it saves) use Opacus's ``unfold2d``
 and one batched product straight into the weight's layout, where Opacus's rule makes the result contiguous once more
-after extracting the group diagonal. Other convolutions keep Opacus's rule. Both rules hand their per-sample gradients to Opacus's hooks as its accumulator
-(``_current_grad_sample``) when the hooks have none yet for the parameter (the usual case: one call per parameter and
-backward pass), instead of letting Opacus copy them into a freshly zeroed one of the same size.
+after extracting the group diagonal. Other convolutions keep Opacus's rule. Both rules hand their per-sample
+gradients to Opacus's hooks as its accumulator (``_current_grad_sample``) when the hooks have none yet for the
+parameter (the usual case: one call per parameter and backward pass), instead of letting Opacus copy them into a
+freshly zeroed one of the same size.
 """
 
 from __future__ import annotations
