@@ -87,6 +87,11 @@ def plain_monai_loop(run: RunConfig, site: str, data_root: Path, epochs: int) ->
 
 
 
+def _error_line(err: Exception) -> str:
+    """What a configuration this machine cannot run records instead of its rate: the error on one line."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+
+
 def _fresh(run: RunConfig) -> tuple[torch.nn.Module, Any]:
     """A new network (seeded, as the sites build it) and a new method object of the same run configuration."""
     run = RunConfig.from_json(run.to_json())
@@ -165,7 +170,7 @@ def speed_rows(run: RunConfig, train: SliceSet, val: SliceSet, epochs: int = 2,
                 compile_backend=compile_backend, seed=t.seed)
             row["ratio_trainer_over_plain"] = row["trainer_images_per_s"] / row["plain_images_per_s"]
         except Exception as err:  # noqa: BLE001 - a configuration this machine cannot run is reported, not fatal
-            row["error"] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+            row["error"] = _error_line(err)
         rows.append(row)
     return rows
 
@@ -197,7 +202,7 @@ def _interleaved_rates(epochs: Mapping[str, Callable[[], int]], repeats: int,
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
             except Exception as err:  # noqa: BLE001
-                errors[name] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+                errors[name] = _error_line(err)
                 continue
             if i:
                 rates[name].append(n / (time.perf_counter() - start))
@@ -229,7 +234,7 @@ def dp_rows(run: RunConfig, train: SliceSet, val: SliceSet, epochs: int = 2, noi
                 warnings.simplefilter("ignore")
                 built[name] = make()
         except Exception as err:  # noqa: BLE001
-            built[name] = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+            built[name] = _error_line(err)
 
     def stock(epoch: Callable[[], int]) -> Callable[[], int]:
         """Opacus as shipped while ``epoch`` runs (models made private inside the block train inside it)."""

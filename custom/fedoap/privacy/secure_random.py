@@ -33,8 +33,9 @@ __all__ = ["secure_normal", "os_seeded_generator", "reseed"]
 
 _CHUNK = 1 << 20  # normals per cipher call: bounds the temporary memory to ~40 MB whatever the tensor's size
 _COUNTER_START = bytes(4)  # the stream's first block counter (little endian): 0
-_BYTES_PER_VALUE = 32  # four normals per value, each half of a Box-Muller pair of two 8-byte uniforms
-_MAX_VALUES = (1 << 32) * 64 // _BYTES_PER_VALUE  # what one stream can give before its 32-bit block counter wraps
+#: what one stream gives before its 32-bit block counter wraps: a chunk of m values reads ceil(m / 2) 64-byte blocks
+#: (four normals per value, each half of a Box-Muller pair of two 8-byte uniforms), so n values at most n / 2 + 1
+_MAX_VALUES = 2 * ((1 << 32) - 1)
 _TWO_PI = 2.0 * math.pi
 
 
